@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.raygpt-installed
+
+.PHONY: setup demo train test lint format bench clean
+
+# torch==2.13.0 goes in first and alone: the package's own `torch>=2.4` is then
+# already satisfied, so pip never pulls the multi-GB CUDA wheels on a CPU box.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: an optimizer x learning-rate sweep on the embedded corpus.
+demo: setup
+	$(BIN)/python -m raygpt.sweep experiments/pydocs_char_sweep.toml --overwrite
+
+# One training run on the embedded corpus.
+train: setup
+	$(BIN)/python -m raygpt.train experiments/pydocs_char_cpu.toml --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check raygpt tests benchmarks
+	$(BIN)/ruff format --check raygpt tests benchmarks
+
+format: setup
+	$(BIN)/ruff format raygpt tests benchmarks
+	$(BIN)/ruff check --fix raygpt tests benchmarks
+
+bench: setup
+	$(BIN)/python -m raygpt.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

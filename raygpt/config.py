@@ -1,0 +1,380 @@
+"""Run configuration: typed dataclasses, loaded from TOML and flags, validated once.
+
+Configuration is data, never code: an experiment is a flat TOML file whose keys
+are the fields of `TrainConfig` (plus an optional `[sweep]` table for
+`raygpt.sweep`), and every key is also a command-line flag (`learning_rate` is
+`--learning-rate`). Flags override the file; the file overrides the defaults.
+Every check happens here, at the edge, so a bad value is one clear line before
+Ray starts, never a traceback from inside a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raygpt.errors import UserError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adagrad")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRI_STATE = ("auto", "true", "false")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; also the per-trial config of a sweep."""
+
+    # --- run: where results go and how many workers run it
+    name: str | None = None  # run folder under storage_path; default derived from the config
+    storage_path: str = "~/ray_results"
+    num_workers: int = 1  # DDP ranks, one Ray Train worker each
+    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
+    address: str | None = None  # join a running cluster ("auto" or host:port)
+    resume: bool = False  # continue the named run from its latest checkpoint
+    overwrite: bool = False  # replace an existing run of the same name
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint
+
+    # --- data
+    dataset: str = "pydocs_char"
+    data_file: str | None = None  # any local UTF-8 text; overrides dataset
+    tokenizer: str = "char"  # char | gpt2 (for data_file)
+    data_dir: str | None = None  # cache of prepared datasets
+
+    # --- model (GPT-2 architecture)
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | path to HF weights
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+
+    # --- optimizer and learning-rate schedule
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    min_lr: float | None = None  # default: learning_rate / 10 (Chinchilla)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    momentum: float = 0.9  # for optimizer = momentum
+    nesterov: bool = False
+    warmup_steps: int = 100
+    decay_lr: bool = True  # false: constant learning rate after warmup
+    lr_decay_steps: int | None = None  # default: max_steps
+    grad_clip: float = 1.0  # 0 disables clipping; the pre-clip norm is always reported
+
+    # --- batch and length
+    batch_size: int = 12  # micro-batch, sequences per worker per forward pass
+    tokens_per_step: int | None = None  # global batch; default batch_size*block_size*workers
+    max_steps: int = 2000
+
+    # --- evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int | None = None  # default: eval_interval
+    keep_checkpoints: int = 2
+    divergence_factor: float = 3.0  # stop when loss > factor x first loss (0 disables)
+
+    # --- system
+    seed: int = 1337
+    dtype: str = "auto"  # auto: bfloat16 on CUDA if supported, else float16; float32 on CPU
+    compile: str = "auto"  # auto: on for CUDA, off for CPU
+    peak_tflops: float | None = None  # per-device peak for MFU where the table has none
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_lr_decay_steps(self) -> int:
+        return self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    @property
+    def resolved_checkpoint_interval(self) -> int:
+        if self.checkpoint_interval is None:
+            return self.eval_interval
+        return self.checkpoint_interval
+
+    @property
+    def resolved_tokens_per_step(self) -> int:
+        if self.tokens_per_step is None:
+            return self.batch_size * self.block_size * self.num_workers
+        return self.tokens_per_step
+
+    def grad_accum_steps(self, world_size: int | None = None) -> int:
+        """Micro-steps per optimizer step, so that every step sees tokens_per_step tokens."""
+        world_size = self.num_workers if world_size is None else world_size
+        per_pass = self.batch_size * self.block_size * world_size
+        total = self.resolved_tokens_per_step
+        if total % per_pass:
+            raise UserError(
+                f"tokens_per_step={total} is not a multiple of batch_size x block_size x "
+                f"num_workers = {self.batch_size} x {self.block_size} x {world_size} = "
+                f"{per_pass}; pick a multiple of {per_pass}"
+            )
+        return total // per_pass
+
+    def default_name(self) -> str:
+        return f"{self.dataset if self.data_file is None else Path(self.data_file).stem}-{self.optimizer}-lr{self.learning_rate:g}"
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise UserError naming the first bad one."""
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        _check_positive(self, "learning_rate", "num_workers", "cpus_per_worker", "n_layer")
+        _check_positive(self, "n_head", "n_embd", "block_size", "batch_size", "max_steps")
+        _check_positive(self, "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(
+                f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}"
+            )
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "divergence_factor", "momentum"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key}={getattr(self, key)} must be >= 0")
+        for key in ("max_failures",):
+            if getattr(self, key) < -1:
+                raise UserError(f"{key}={getattr(self, key)} must be >= 0 (or -1: unlimited)")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "attention splits n_embd evenly across heads"
+            )
+        if self.tokenizer not in ("char", "gpt2"):
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose char or gpt2")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        for key in ("use_gpu", "compile"):
+            if getattr(self, key) not in TRI_STATE:
+                raise UserError(f"{key}={getattr(self, key)!r} must be auto, true or false")
+        if self.checkpoint_interval is not None and (
+            self.checkpoint_interval <= 0 or self.checkpoint_interval % self.eval_interval
+        ):
+            # Checkpoints ride on reports, and reports happen at evaluations.
+            raise UserError(
+                f"checkpoint_interval={self.checkpoint_interval} must be a positive multiple "
+                f"of eval_interval={self.eval_interval}"
+            )
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= 0:
+            raise UserError(f"lr_decay_steps={self.lr_decay_steps} must be > 0")
+        if self.tokens_per_step is not None and self.tokens_per_step <= 0:
+            raise UserError(f"tokens_per_step={self.tokens_per_step} must be > 0")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise UserError(f"peak_tflops={self.peak_tflops} must be > 0")
+        if self.data_file is not None and not Path(self.data_file).expanduser().is_file():
+            raise UserError(
+                f"data file {self.data_file} does not exist; give a path to a UTF-8 text file"
+            )
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; choose one")
+        if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
+            raise UserError(
+                f"run name {self.name!r} must be a plain folder name (no '/', no leading '.')"
+            )
+        self.grad_accum_steps()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return build_dataclass(cls, values, "config")
+
+
+def _check_positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if not value > 0:
+            raise UserError(f"{key}={value} must be > 0")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Convert a TOML value or flag string to the field's type, or say why not."""
+    base, optional = _unwrap_optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(base) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} in {source} must be a list, got {value!r}")
+        return [coerce(key, v, item_tp, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} in {source} must be a table, got {value!r}")
+        return dict(value)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            if isinstance(value, int):
+                return value
+            raise ValueError
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a finite number"}.get(base, "text")
+    raise UserError(f"{key}={value!r} in {source} is not {kind}")
+
+
+def _unknown_key(key: str, known: list[str], source: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the known keys"
+    return UserError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], source: str) -> Any:
+    """Instantiate `cls` from a mapping, rejecting unknown keys and coercing types."""
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            raise _unknown_key(key, sorted(types_by_name), source)
+        kwargs[key] = coerce(key, value, types_by_name[key], source)
+    return cls(**kwargs)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse an experiment file; a missing or malformed file is one clear line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"experiment file {path} does not exist")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"experiment file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"experiment file {path} is not UTF-8 text") from None
+
+
+# --------------------------------------------------------------------------- flags
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UserError (one line) instead of usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if "unrecognized arguments" in message:
+            flag = message.split(":", 1)[1].split()[0]
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see --help"
+            raise UserError(f"unknown flag {flag}{hint}")
+        raise UserError(f"{message}; see --help")
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    exclude: tuple[str, ...] = (),
+    title: str | None = None,
+) -> None:
+    """One `--kebab-case` flag per field; absent flags stay absent (no defaults here)."""
+    group = parser.add_argument_group(title or f"{cls.__name__} keys")
+    types_by_name = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        # A bare boolean flag (--resume) means true; --resume false is also accepted.
+        is_bool = _unwrap_optional(types_by_name[f.name])[0] is bool
+        group.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            nargs="?" if is_bool else None,
+            const="true" if is_bool else None,
+            help=f"(default: {default})",
+        )
+
+
+def merge(cls: type, file_values: dict[str, Any], flag_values: dict[str, Any], source: str) -> Any:
+    """Defaults < TOML file < flags, each key type-checked against `cls`."""
+    instance = build_dataclass(cls, file_values, source)
+    types_by_name = _field_types(cls)
+    for key, value in flag_values.items():
+        setattr(instance, key, coerce(key, value, types_by_name[key], f"flag {flag_name(key)}"))
+    return instance
+
+
+def load_train_config(
+    experiment: str | None, flag_values: dict[str, Any], ignore_tables: tuple[str, ...] = ()
+) -> TrainConfig:
+    """TrainConfig from an optional experiment file and parsed flags, validated."""
+    file_values: dict[str, Any] = {}
+    source = "defaults"
+    if experiment is not None:
+        file_values = read_toml(experiment)
+        source = str(experiment)
+        for table in ("sweep", *ignore_tables):
+            file_values.pop(table, None)
+    cfg = merge(TrainConfig, file_values, flag_values, source)
+    return cfg.validate()

@@ -1,0 +1,334 @@
+"""The one training loop: `train_loop_per_worker`, run by every DDP rank.
+
+Ray Train's `TorchTrainer` starts it on each worker with the process group set
+up; `raygpt.train` runs it once, `raygpt.sweep` once per trial. It owns nothing
+about Ray beyond the context (rank, world size, device) and `ray.train.report`.
+
+Step numbering: `step` counts completed optimizer updates, so "step 2000" is
+the model after 2000 updates, like nanoGPT's `iter_num` at its final eval.
+Reports (and checkpoints) happen only at evaluation steps and the last step,
+so every Tune result carries a fresh `val_loss` and ASHA's rungs, which are
+multiples of `eval_interval`, line up with evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from raygpt import checkpoint, data, metrics
+from raygpt.config import TrainConfig
+from raygpt.errors import UserError
+from raygpt.model import GPT, GPTConfig
+from raygpt.optim import build_optimizer, lr_at, set_lr
+
+# Fault injection for the reliability tests and for drills on a real cluster:
+# RAYGPT_FAIL_AT="RANK:STEP" makes that rank exit abruptly after STEP updates,
+# once: a run resumed from a checkpoint does not fail again.
+FAIL_AT_ENV = "RAYGPT_FAIL_AT"
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """GPT-2's 50257 tokens padded to 50304 (a multiple of 64) for faster matmuls."""
+    return vocab_size if vocab_size <= 1024 else -(-vocab_size // 64) * 64
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
+    """A fresh GPT from the config, or pretrained GPT-2 weights (`init_from`)."""
+    if cfg.init_from == "scratch":
+        return GPT(
+            GPTConfig(
+                block_size=cfg.block_size,
+                vocab_size=padded_vocab_size(vocab_size),
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                dropout=cfg.dropout,
+                bias=cfg.bias,
+            )
+        )
+    model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+    if vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"data vocabulary ({vocab_size} tokens) is larger than {cfg.init_from}'s "
+            f"({model.config.vocab_size}); use --tokenizer gpt2 with pretrained weights"
+        )
+    if cfg.block_size > model.config.block_size:
+        raise UserError(
+            f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of "
+            f"{model.config.block_size}; use a block_size <= {model.config.block_size}"
+        )
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    return model
+
+
+def _all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / world_size).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, batches_by_split, autocast, device, world_size) -> dict[str, float]:
+    """Mean loss over fixed batches per split, averaged across ranks."""
+    model.eval()
+    means = []
+    for batches in batches_by_split.values():
+        losses = []
+        for x, y in batches:
+            with autocast:
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            losses.append(loss.float().item())
+        means.append(sum(losses) / len(losses))
+    model.train()
+    return dict(zip(batches_by_split, _all_reduce_mean(means, device, world_size)))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _maybe_inject_fault(rank: int, step: int, resumed: bool) -> None:
+    spec = os.environ.get(FAIL_AT_ENV)
+    if not spec or resumed:
+        return
+    fail_rank, fail_step = (int(v) for v in spec.split(":"))
+    if rank == fail_rank and step == fail_step:
+        print(f"[raygpt] fault injection: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one GPT on this rank; called by Ray Train on every worker."""
+    cfg = TrainConfig.from_dict(config["train"])
+    # Ray Train logs each report, step rows included, at INFO: keep the console readable.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    run_info = config.get("run_info", {})  # trial id etc., stamped on every step row
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    is_main = rank == 0
+
+    torch.manual_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = resolve_dtype(cfg, device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+
+    dataset_dir = data.prepare(
+        cfg.dataset if cfg.data_file is None else None,
+        data_file=cfg.data_file,
+        tokenizer=cfg.tokenizer,
+        data_dir=cfg.data_dir,
+    )
+    meta = data.load_meta(dataset_dir)
+    train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
+    val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
+    grad_accum = cfg.grad_accum_steps(world_size)
+    eval_sets = {
+        "val": val_batches.eval_batches(cfg.eval_iters, cfg.batch_size, rank, world_size),
+        "train": train_batches.eval_batches(cfg.eval_iters, cfg.batch_size, rank, world_size),
+    }
+
+    model = build_model(cfg, meta["vocab_size"]).to(device)
+    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_step, first_loss, best_val = 0, None, math.inf
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as ckpt_dir:
+            state = checkpoint.load(ckpt_dir, map_location=device)
+        checkpoint.check_compatible(state, cfg.to_dict(), meta["vocab_size"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_step = state["step"]
+        first_loss, best_val = state["first_loss"], state["best_val_loss"]
+        if is_main:
+            print(f"[raygpt] resumed from step {start_step}", flush=True)
+
+    flops_per_token = model.flops_per_token()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = metrics.peak_flops(device_name, cfg.peak_tflops)
+    tokens_per_step = cfg.resolved_tokens_per_step
+    ckpt_interval = cfg.resolved_checkpoint_interval
+
+    train_model: torch.nn.Module = model
+    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
+        train_model = torch.compile(model)
+    if world_size > 1:
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    pending_rows: list[dict[str, Any]] = []
+    last_val: float | None = None
+    started = time.perf_counter()
+    step = start_step
+    while step < cfg.max_steps:
+        step_start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = train_batches.get_batch(
+                step, rank, micro_step, cfg.batch_size, world_size, grad_accum
+            )
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # All-reduce gradients only on the last micro-step: the others accumulate locally.
+            sync = micro_step == grad_accum - 1 or world_size == 1
+            with contextlib.nullcontext() if sync else train_model.no_sync(), autocast:
+                _, loss = train_model(x, y)
+                loss = loss / grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # .item() and the all-reduce synchronise the device, so the time is honest.
+        train_loss, grad_norm_value = _all_reduce_mean(
+            [loss_sum.item(), grad_norm.item()], device, world_size
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds = time.perf_counter() - step_start
+        tokens_per_sec = tokens_per_step / step_seconds
+        first_loss = train_loss if first_loss is None else first_loss
+        diverged = not math.isfinite(train_loss) or (
+            cfg.divergence_factor > 0 and train_loss > cfg.divergence_factor * first_loss
+        )
+
+        row: dict[str, Any] = {
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "train_loss": train_loss,
+            "val_loss": None,
+            "eval_train_loss": None,
+            "lr": lr,
+            "grad_norm": grad_norm_value,
+            "step_time_ms": step_seconds * 1000,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": metrics.mfu(flops_per_token, tokens_per_sec, world_size, peak),
+            **run_info,
+        }
+        is_last = step == cfg.max_steps or diverged
+        if step % cfg.eval_interval == 0 or is_last:
+            losses = evaluate(model, eval_sets, autocast, device, world_size)
+            row["val_loss"], row["eval_train_loss"] = losses["val"], losses["train"]
+            last_val = losses["val"] if math.isfinite(losses["val"]) else math.inf
+            best_val = min(best_val, last_val)
+            diverged = diverged or not math.isfinite(losses["val"])
+        if is_main:
+            pending_rows.append(row)
+            if step % cfg.log_interval == 0 or row["val_loss"] is not None or is_last:
+                done = step - start_step
+                eta = (time.perf_counter() - started) / done * (cfg.max_steps - step)
+                print(metrics.progress_line(row, cfg.max_steps, eta), flush=True)
+
+        if row["val_loss"] is not None:
+            report = {
+                "step": step,
+                "tokens_seen": row["tokens_seen"],
+                "train_loss": train_loss,
+                "val_loss": last_val,
+                "best_val_loss": best_val,
+                "lr": lr,
+                "diverged": diverged,
+                "done": is_last,
+                "steps": pending_rows,
+            }
+            save_now = step % ckpt_interval == 0 or is_last
+            _report(
+                report,
+                save_now and is_main,
+                step,
+                lambda: {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "rng": _rng_state(),
+                    "first_loss": first_loss,
+                    "best_val_loss": best_val,
+                    "config": cfg.to_dict(),
+                    "data": {
+                        k: meta.get(k)
+                        for k in ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
+                    },
+                },
+            )
+            pending_rows = []
+            if diverged:
+                if is_main:
+                    print(
+                        f"[raygpt] diverged at step {step} (loss {train_loss:.4g}); stopping",
+                        flush=True,
+                    )
+                break
+        _maybe_inject_fault(rank, step, resume_from is not None)
+
+
+def _report(metrics_: dict[str, Any], save: bool, step: int, state_fn) -> None:
+    """`ray.train.report`, with a checkpoint written by rank 0 when `save` is set."""
+    if not save:
+        ray.train.report(metrics_)
+        return
+    tmp = tempfile.mkdtemp(prefix="raygpt-ckpt-")
+    try:
+        checkpoint.save(tmp, state_fn())
+        ray.train.report(
+            metrics_,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint.checkpoint_dir_name(step),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["train_loop_per_worker", "build_model", "evaluate"]

@@ -1,0 +1,60 @@
+"""Shared fixtures: one real local Ray cluster and one prepared corpus per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A session cache of prepared datasets (pydocs_char is built once, ~5 s)."""
+    path = tmp_path_factory.mktemp("data")
+    os.environ["RAYGPT_DATA_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(data_dir):
+    """A private local Ray cluster (never one already running on the machine)."""
+    import ray
+
+    from raygpt import launch
+
+    launch.connect(None)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def storage(tmp_path) -> Path:
+    path = tmp_path / "results"
+    path.mkdir()
+    return path
+
+
+def tiny_config(storage: Path, **overrides):
+    """A model small enough that a Ray run takes seconds on 2 cores."""
+    from raygpt.config import TrainConfig
+
+    values = dict(
+        storage_path=str(storage),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        max_steps=20,
+        warmup_steps=5,
+        eval_interval=10,
+        eval_iters=4,
+        log_interval=10,
+        learning_rate=3e-3,
+        compile="false",
+    )
+    values.update(overrides)
+    return TrainConfig(**values).validate()
