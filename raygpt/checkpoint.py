@@ -82,15 +82,20 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], vocab_size: 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
 
 
-def latest_in_run(run_dir: str | Path) -> Path | None:
-    """Newest checkpoint directory (highest step) of a run folder, or None."""
-    run_dir = Path(run_dir)
+def checkpoints_in_run(run_dir: str | Path) -> list[Path]:
+    """A run folder's checkpoint directories that hold a state file, newest step first."""
     found = [
         (int(m.group(1)), p)
-        for p in run_dir.glob("checkpoint_*")
+        for p in Path(run_dir).glob("checkpoint_*")
         if (m := _CHECKPOINT_RE.search(p.name)) and (p / STATE_FILE).is_file()
     ]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_in_run(run_dir: str | Path) -> Path | None:
+    """Newest checkpoint directory (highest step) of a run folder, or None."""
+    found = checkpoints_in_run(run_dir)
+    return found[0] if found else None
 
 
 def resolve(path_or_run: str | Path, storage_path: str | Path = "~/ray_results") -> Path:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -315,6 +316,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UserError (one line) instead of usage + exit."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Python 3.11's argparse takes `--learning-rate -1e-3` for a flag with no value
+        # (its pattern misses exponents); treat any negative number as a value.
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message: str) -> typing.NoReturn:
         if "unrecognized arguments" in message:

@@ -10,9 +10,12 @@ placed forever, so an impossible `--num-workers` would hang instead of failing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,15 @@ from raygpt.config import TrainConfig
 from raygpt.errors import UserError
 
 DASHBOARD_HOST_ENV = "RAYGPT_DASHBOARD_HOST"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def connect(address: str | None) -> None:
     """Join `address`, or start a private local cluster sized to this machine.
 
-    A local cluster gets at least 4 logical CPUs: on a 2-core laptop the trial
-    actor and the controller need slots beside the training workers.
+    One logical CPU per core: Train controllers and sweep trial actors reserve
+    no CPU, so the cores go to training workers, and more concurrent workers
+    than cores would only slow every trial down.
     """
     if ray.is_initialized():
         return
@@ -38,20 +43,44 @@ def connect(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if address:
         try:
-            ray.init(address=address, log_to_driver=True)
+            with _startup_logs_on_stdout():
+                ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"cannot connect to the Ray cluster at {address!r} ({str(err).splitlines()[0]}); "
                 "start it with `ray start --head` or `ray up`, or leave out --address"
             ) from None
         return
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, 4),
-        include_dashboard=True,
-        dashboard_host=os.environ.get(DASHBOARD_HOST_ENV, "127.0.0.1"),
-        log_to_driver=True,
-    )
+    with _startup_logs_on_stdout():
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=True,
+            dashboard_host=os.environ.get(DASHBOARD_HOST_ENV, "127.0.0.1"),
+            log_to_driver=True,
+        )
+
+
+class _StdoutLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"[ray] {_ANSI.sub('', record.getMessage())}", flush=True)
+
+
+@contextlib.contextmanager
+def _startup_logs_on_stdout() -> Iterator[None]:
+    """Print the driver's Ray log lines on stdout (as `[ray] ...`) while `ray.init` runs.
+
+    Ray announces itself on stderr (the token-auth notice, the dashboard URL,
+    /dev/shm warnings). On stdout they stay in view, and stderr keeps the CLI
+    contract: a run refused after connecting (check_fits) prints one `error:` line.
+    """
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:]
+    ray_logger.handlers = [_StdoutLines()]
+    try:
+        yield
+    finally:
+        ray_logger.handlers = saved
 
 
 def resolve_use_gpu(use_gpu: str) -> bool:
@@ -60,23 +89,32 @@ def resolve_use_gpu(use_gpu: str) -> bool:
     return use_gpu == "true"
 
 
+def _bundles_per_node(cpus_per_worker: float, gpus_per_worker: float) -> list[int]:
+    """How many worker bundles each live node can hold."""
+    need = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
+    return [
+        min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0)
+        for res in (n["Resources"] for n in ray.nodes() if n.get("Alive"))
+    ]
+
+
+def trials_that_fit(workers_per_trial: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Trials whose worker groups the cluster can run at once (at least 1)."""
+    return max(1, sum(_bundles_per_node(cpus_per_worker, gpus_per_worker)) // workers_per_trial)
+
+
 def check_fits(
     num_workers: int,
     cpus_per_worker: float,
     gpus_per_worker: float,
     what: str = "this run",
-    concurrent: int = 1,
 ) -> None:
     """Raise UserError unless `num_workers` bundles can be placed on the live cluster."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
-    per_node = [
-        min(int(res.get(k, 0) // v) if v > 0 else num_workers for k, v in need.items())
-        for res in nodes
-    ]
+    per_node = _bundles_per_node(cpus_per_worker, gpus_per_worker)
     total_cpu = sum(res.get("CPU", 0) for res in nodes)
     total_gpu = sum(res.get("GPU", 0) for res in nodes)
-    if sum(per_node) >= num_workers * concurrent:
+    if sum(per_node) >= num_workers:
         return
     if max(per_node, default=0) == 0:
         biggest_cpu = max((res.get("CPU", 0) for res in nodes), default=0)
@@ -94,20 +132,28 @@ def check_fits(
     )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, kind: str = "run") -> None:
-    """Refuse to clobber an existing run, or to resume one that does not exist."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, kind: str = "run") -> bool:
+    """Refuse to clobber an existing run, or to resume one that does not exist.
+
+    Returns whether the folder exists with content. Writes nothing.
+    """
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume and not exists:
         raise UserError(
             f"cannot resume: no {kind} named {run_dir.name!r} in {run_dir.parent}; "
             "check --name and --storage-path"
         )
-    if exists and not resume:
-        if not overwrite:
-            raise UserError(
-                f"a {kind} named {run_dir.name!r} already exists in {run_dir.parent}; "
-                "pass --resume to continue it, --overwrite to replace it, or a new --name"
-            )
+    if exists and not resume and not overwrite:
+        raise UserError(
+            f"a {kind} named {run_dir.name!r} already exists in {run_dir.parent}; "
+            "pass --resume to continue it, --overwrite to replace it, or a new --name"
+        )
+    return exists
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, kind: str = "run") -> None:
+    """check_run_dir, then remove the old folder when --overwrite asked for it."""
+    if check_run_dir(run_dir, resume, overwrite, kind) and overwrite:
         shutil.rmtree(run_dir)
 
 
@@ -142,10 +188,16 @@ def build_trainer(
             callbacks=list(callbacks),
             # Ray Train logs every report (our step rows included) at INFO: too loud.
             logging_config=LoggingConfig(log_level="WARNING"),
-            # Ray's print patch would echo each progress line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
+
+
+def _worker_env() -> dict[str, str]:
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray's print patch echoes each line twice
+    # Forward raygpt's own settings (data cache, fault drills) from the driver.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RAYGPT_")})
+    return env
 
 
 def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) -> UserError | None:
@@ -177,7 +229,15 @@ def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) ->
 
 
 def storage_root(storage_path: str) -> str:
-    """Absolute storage path; URIs (s3://, gs://) pass through for shared storage."""
+    """Absolute local storage path.
+
+    Multi-node runs need every node to see it: mount shared storage (NFS, EFS,
+    Lustre) at the same path everywhere. Object-store URIs are refused because
+    raygpt writes its Parquet and TensorBoard files with local file I/O.
+    """
     if "://" in storage_path:
-        return storage_path
+        raise UserError(
+            f"--storage-path {storage_path} is a URI; raygpt needs a filesystem path that every "
+            "node mounts (NFS/EFS), e.g. --storage-path /mnt/shared/ray_results"
+        )
     return str(Path(storage_path).expanduser().resolve())

@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -36,9 +37,14 @@ from raygpt.model import GPT, GPTConfig
 from raygpt.optim import build_optimizer, lr_at, set_lr
 
 # Fault injection for the reliability tests and for drills on a real cluster:
-# RAYGPT_FAIL_AT="RANK:STEP" makes that rank exit abruptly after STEP updates,
-# once: a run resumed from a checkpoint does not fail again.
+# RAYGPT_FAIL_AT="RANK:STEP[:MODE[:OPTIMIZER]]" makes that rank fail after STEP
+# updates, once: a run resumed from a checkpoint does not fail again. MODE is
+# "exit" (the process dies abruptly, as on a crash or OOM kill; default) or
+# "raise" (the loop raises, as on a bad batch); OPTIMIZER limits it to runs of
+# that optimizer, so one trial of a sweep can fail while the others go on.
 FAIL_AT_ENV = "RAYGPT_FAIL_AT"
+# What a checkpoint records about its data, to refuse resuming on other data.
+CHECKPOINT_DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
 
 
 def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -105,7 +111,7 @@ def evaluate(model, batches_by_split, autocast, device, world_size) -> dict[str,
             losses.append(loss.float().item())
         means.append(sum(losses) / len(losses))
     model.train()
-    return dict(zip(batches_by_split, _all_reduce_mean(means, device, world_size)))
+    return dict(zip(batches_by_split, _all_reduce_mean(means, device, world_size), strict=True))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -121,14 +127,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _maybe_inject_fault(rank: int, step: int, resumed: bool) -> None:
+def _newest_state(context, device: torch.device) -> dict[str, Any] | None:
+    """The newest loadable checkpoint of this run, or None for a fresh start.
+
+    Ray hands back the latest checkpoint its controller registered, but a rank
+    that dies right after a report can beat the controller's next poll, leaving
+    a newer checkpoint on disk that Ray never registered. Checkpoint folders
+    are named by step, so the newest on disk wins; one damaged by a crash
+    mid-copy is skipped in favour of the one before it.
+    """
+    candidates = checkpoint.checkpoints_in_run(context.get_storage().experiment_fs_path)
+    registered = ray.train.get_checkpoint()
+    if registered is not None and Path(registered.path) not in candidates:
+        candidates.append(Path(registered.path))
+    for path in candidates:
+        try:
+            return checkpoint.load(path, map_location=device)
+        except UserError as err:
+            print(f"[raygpt] skipping checkpoint {path}: {err}", flush=True)
+    return None
+
+
+def _maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> None:
     spec = os.environ.get(FAIL_AT_ENV)
     if not spec or resumed:
         return
-    fail_rank, fail_step = (int(v) for v in spec.split(":"))
-    if rank == fail_rank and step == fail_step:
-        print(f"[raygpt] fault injection: rank {rank} exits at step {step}", flush=True)
-        os._exit(1)
+    fail_rank, fail_step, mode, only_optimizer = [*spec.split(":"), "exit", ""][:4]
+    if rank != int(fail_rank) or step != int(fail_step):
+        return
+    if only_optimizer and only_optimizer != optimizer:
+        return
+    print(f"[raygpt] fault injection: rank {rank} fails ({mode}) at step {step}", flush=True)
+    if mode == "raise":
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+    os._exit(1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -174,10 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, first_loss, best_val = 0, None, math.inf
-    resume_from = ray.train.get_checkpoint()
-    if resume_from is not None:
-        with resume_from.as_directory() as ckpt_dir:
-            state = checkpoint.load(ckpt_dir, map_location=device)
+    unsaved_rows: list[dict[str, Any]] = []
+    state = _newest_state(context, device)
+    resumed = state is not None
+    if state is not None:
         checkpoint.check_compatible(state, cfg.to_dict(), meta["vocab_size"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -185,6 +217,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _set_rng_state(state["rng"])
         start_step = state["step"]
         first_loss, best_val = state["first_loss"], state["best_val_loss"]
+        # Re-send the rows this checkpoint carries: the report that delivered
+        # them may have been lost with the crash (the sinks drop duplicates).
+        unsaved_rows = list(state.get("rows_since_previous_checkpoint", []))
         if is_main:
             print(f"[raygpt] resumed from step {start_step}", flush=True)
 
@@ -202,7 +237,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    pending_rows: list[dict[str, Any]] = []
+    # Rows of steps not yet reported, and rows since the previous checkpoint
+    # (stored in the next checkpoint so no row is lost if a report is).
+    pending_rows: list[dict[str, Any]] = unsaved_rows if is_main else []
+    rows_since_checkpoint: list[dict[str, Any]] = []
     last_val: float | None = None
     started = time.perf_counter()
     step = start_step
@@ -284,11 +322,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "steps": pending_rows,
             }
             save_now = step % ckpt_interval == 0 or is_last
-            _report(
-                report,
-                save_now and is_main,
-                step,
-                lambda: {
+            rows_since_checkpoint.extend(pending_rows)
+            state_now = None
+            if save_now and is_main:
+                state_now = {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
@@ -297,12 +334,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "first_loss": first_loss,
                     "best_val_loss": best_val,
                     "config": cfg.to_dict(),
-                    "data": {
-                        k: meta.get(k)
-                        for k in ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
-                    },
-                },
-            )
+                    "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
+                    "rows_since_previous_checkpoint": rows_since_checkpoint,
+                }
+            _report(report, state_now, step)
+            if save_now:
+                rows_since_checkpoint = []
             pending_rows = []
             if diverged:
                 if is_main:
@@ -311,17 +348,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         flush=True,
                     )
                 break
-        _maybe_inject_fault(rank, step, resume_from is not None)
+        _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
 
 
-def _report(metrics_: dict[str, Any], save: bool, step: int, state_fn) -> None:
-    """`ray.train.report`, with a checkpoint written by rank 0 when `save` is set."""
-    if not save:
+def _report(metrics_: dict[str, Any], state: dict[str, Any] | None, step: int) -> None:
+    """`ray.train.report`, with a checkpoint of `state` when rank 0 passes one."""
+    if state is None:
         ray.train.report(metrics_)
         return
     tmp = tempfile.mkdtemp(prefix="raygpt-ckpt-")
     try:
-        checkpoint.save(tmp, state_fn())
+        checkpoint.save(tmp, state)
         ray.train.report(
             metrics_,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -329,6 +366,3 @@ def _report(metrics_: dict[str, Any], save: bool, step: int, state_fn) -> None:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-__all__ = ["train_loop_per_worker", "build_model", "evaluate"]

@@ -194,6 +194,9 @@ class StepLog:
             self._rows[key] = full
         return fresh
 
+    def rows_for(self, trial_id: str) -> list[dict[str, Any]]:
+        return [self._rows[k] for k in sorted(self._rows) if k[0] == trial_id]
+
     def last_step(self, trial_id: str = "") -> int:
         return max((s for t, s in self._rows if t == trial_id), default=0)
 

@@ -408,6 +408,21 @@ def _resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     return local
 
 
+def pretrained_shape(name_or_path: str | os.PathLike) -> dict | None:
+    """n_positions and vocab_size of pretrained weights, read without loading or downloading
+    them: from a local directory's config.json, or known for OpenAI's GPT-2 hub names (all
+    1024 positions, 50257 tokens). None for another hub id, which only a download can tell.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name in HUB_GPT2_NAMES and not path.exists():
+        return {"n_positions": 1024, "vocab_size": 50257}
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        hf = _read_hf_config(_resolve_checkpoint_dir(name))  # a path: never downloads
+        return {"n_positions": hf["n_positions"], "vocab_size": hf["vocab_size"]}
+    return None
+
+
 def _read_hf_config(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from raygpt import checkpoint, data, launch, metrics
+from raygpt import checkpoint, data, launch, metrics, model
 from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
 from raygpt.errors import UserError, exit_on_user_error
 
@@ -63,10 +63,28 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
         data_dir=cfg.data_dir,
     )
     meta = data.load_meta(dataset_dir)
+    check_init_from(cfg, meta["vocab_size"])
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     train_batches.sample_indices(0, 0, 0, cfg.batch_size, cfg.num_workers, cfg.grad_accum_steps())
     data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)  # raises if val is too short
     return dataset_dir, meta
+
+
+def check_init_from(cfg: TrainConfig, vocab_size: int) -> None:
+    """Pretrained weights must cover the block size and the vocabulary: say so before Ray
+    starts, not from inside a worker after the weights loaded (loop.build_model checks again)."""
+    if cfg.init_from == "scratch" or (shape := model.pretrained_shape(cfg.init_from)) is None:
+        return
+    if vocab_size > shape["vocab_size"]:
+        raise UserError(
+            f"data vocabulary ({vocab_size} tokens) is larger than {cfg.init_from}'s "
+            f"({shape['vocab_size']}); use --tokenizer gpt2 with pretrained weights"
+        )
+    if cfg.block_size > shape["n_positions"]:
+        raise UserError(
+            f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of "
+            f"{shape['n_positions']}; use a block_size <= {shape['n_positions']}"
+        )
 
 
 def check_resume_compatible(run_dir: Path, cfg: TrainConfig, vocab_size: int) -> Path | None:
@@ -84,13 +102,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     _, meta = prepare_data(cfg)
     if cfg.resume and run_dir.exists():
         check_resume_compatible(run_dir, cfg, meta["vocab_size"])
-    launch.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    launch.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
 
     started = time.perf_counter()
     launch.connect(cfg.address)
     use_gpu = launch.resolve_use_gpu(cfg.use_gpu)
     launch.check_fits(cfg.num_workers, cfg.cpus_per_worker, 1 if use_gpu else 0)
     ray_ready = time.perf_counter()
+    # Only now, with every check passed, may --overwrite remove the old run.
+    launch.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)
 
     metadata = {
         "config": cfg.to_dict() | {"name": name},

@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
 from raygpt import train
+from raygpt.loop import FAIL_AT_ENV
 
 pytestmark = pytest.mark.slow
+
+# 12 steps, a checkpoint every 6: small enough for seconds, long enough to compare.
+SHORT = dict(max_steps=12, lr_decay_steps=12, eval_interval=6, warmup_steps=2)
 
 
 def _losses(run_dir) -> dict[int, float]:
     table = pq.read_table(run_dir / "steps.parquet").to_pylist()
     return {row["step"]: row["train_loss"] for row in table}
+
+
+def _assert_same_losses(a: dict[int, float], b: dict[int, float], tol: float) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, SHORT["max_steps"] + 1))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=tol), step
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """Runs that several tests compare against, each run once per session."""
+    storage = tmp_path_factory.mktemp("reference")
+    runs = {
+        # the same global batch (16 sequences) three ways
+        "ddp": tiny_config(storage, name="ddp", num_workers=2, batch_size=8, **SHORT),
+        "single": tiny_config(storage, name="single", num_workers=1, batch_size=16, **SHORT),
+        "accum": tiny_config(storage, name="accum", batch_size=8, tokens_per_step=16 * 32, **SHORT),
+    }
+    summaries = {key: train.run(cfg) for key, cfg in runs.items()}
+    return storage, summaries
 
 
 def test_loss_falls_and_results_are_written(ray_cluster, storage):
@@ -35,7 +60,6 @@ def test_loss_falls_and_results_are_written(ray_cluster, storage):
     meta = read_metadata(run_dir / "steps.parquet")
     assert meta["config"]["learning_rate"] == 3e-3
     assert meta["environment"]["torch"]
-    # TensorBoard events carry the curves
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -43,35 +67,43 @@ def test_loss_falls_and_results_are_written(ray_cluster, storage):
     tags = set(acc.Tags()["scalars"])
     assert {"loss/train", "loss/val", "optim/lr", "optim/grad_norm", "perf/tokens_per_sec"} <= tags
     assert len(acc.Scalars("loss/train")) == 60
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_0000040",
+        "checkpoint_0000060",
+    ]  # keep_checkpoints=2
 
 
-def test_two_worker_ddp_equals_one_worker_with_double_micro_batch(ray_cluster, storage):
-    common = dict(max_steps=12, eval_interval=6, warmup_steps=2)
-    ddp = train.run(tiny_config(storage, name="ddp", num_workers=2, batch_size=4, **common))
-    single = train.run(tiny_config(storage, name="single", num_workers=1, batch_size=8, **common))
-    a, b = _losses(storage / "ddp"), _losses(storage / "single")
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for step in a:
-        assert a[step] == pytest.approx(b[step], abs=1e-4), step
-    assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+def test_two_worker_ddp_equals_one_worker_with_double_micro_batch(reference):
+    storage, summaries = reference
+    _assert_same_losses(_losses(storage / "ddp"), _losses(storage / "single"), 1e-4)
+    assert summaries["ddp"]["val_loss"] == pytest.approx(summaries["single"]["val_loss"], abs=1e-4)
 
 
-def test_gradient_accumulation_matches_bigger_micro_batch(ray_cluster, storage):
-    common = dict(max_steps=8, eval_interval=4, warmup_steps=2, tokens_per_step=8 * 32)
-    train.run(tiny_config(storage, name="accum", batch_size=4, **common))
-    train.run(tiny_config(storage, name="whole", batch_size=8, **common))
-    a, b = _losses(storage / "accum"), _losses(storage / "whole")
-    for step in a:
-        assert a[step] == pytest.approx(b[step], abs=1e-4), step
+def test_gradient_accumulation_equals_one_big_micro_batch(reference):
+    storage, _ = reference
+    _assert_same_losses(_losses(storage / "accum"), _losses(storage / "single"), 1e-4)
 
 
-def test_resumed_run_equals_uninterrupted(ray_cluster, storage):
-    common = dict(max_steps=20, lr_decay_steps=20, eval_interval=5, warmup_steps=3)
-    train.run(tiny_config(storage, name="whole", **common))
-    # The same run stopped after its step-10 checkpoint, then resumed to the end.
-    train.run(tiny_config(storage, name="split", **{**common, "max_steps": 10}))
-    train.run(tiny_config(storage, name="split", resume=True, **common))
-    whole, split = _losses(storage / "whole"), _losses(storage / "split")
-    assert sorted(split) == list(range(1, 21))
-    for step in range(1, 21):
-        assert split[step] == pytest.approx(whole[step], abs=1e-6), step
+def test_resumed_run_equals_uninterrupted(reference):
+    storage, _ = reference
+    # The "single" run stopped after its step-6 checkpoint, then resumed to the end.
+    train.run(
+        tiny_config(
+            storage, name="split", num_workers=1, batch_size=16, **{**SHORT, "max_steps": 6}
+        )
+    )
+    train.run(
+        tiny_config(storage, name="split", num_workers=1, batch_size=16, resume=True, **SHORT)
+    )
+    _assert_same_losses(_losses(storage / "split"), _losses(storage / "single"), 1e-6)
+
+
+def test_worker_death_restarts_from_checkpoint_with_same_losses(reference, monkeypatch):
+    storage, summaries = reference
+    # Rank 1 dies abruptly after step 9; the last checkpoint is step 6.
+    monkeypatch.setitem(os.environ, FAIL_AT_ENV, "1:9")
+    summary = train.run(
+        tiny_config(storage, name="crash", num_workers=2, batch_size=8, max_failures=1, **SHORT)
+    )
+    _assert_same_losses(_losses(storage / "crash"), _losses(storage / "ddp"), 1e-6)
+    assert summary["val_loss"] == pytest.approx(summaries["ddp"]["val_loss"], abs=1e-6)

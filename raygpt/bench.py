@@ -1,0 +1,387 @@
+"""`python -m raygpt.bench [EXPERIMENT.toml] [--key value ...]`: training-step throughput.
+
+nanoGPT's bench.py, in this process and without Ray: the model of a TrainConfig
+(`loop.build_model`, seeded like a run), batches from the configured dataset (or
+random tokens with `--synthetic`), `--warmup-steps` untimed steps, then
+`--bench-steps` timed ones, each a full optimizer step of one worker
+(forward + backward over the gradient-accumulation micro-batches, clipping, the
+optimizer update), timed between device synchronisations. It prints the
+median step time, tokens/s and MFU (against `metrics.PEAK_TFLOPS` or
+`--peak-tflops`; n/a on CPU without it).
+
+`--compare` runs several variants in one process, each on a freshly seeded copy
+of the same model over the same batches, and prints them side by side with the
+speed-up over the first: fp32, bf16 autocast and bf16 autocast + torch.compile
+on CUDA; fp32 eager and fp32 + torch.compile on CPU. A variant that fails to
+compile is skipped with the reason. `--json PATH` also writes the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raygpt import data, metrics
+from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
+from raygpt.errors import UserError, exit_on_user_error
+from raygpt.sample import resolve_device
+
+# TrainConfig keys that only matter to a Ray run (or to the lr schedule, which does not
+# change the work of a step): accepted in the TOML file, not offered as flags here.
+# warmup_steps in particular would clash with the benchmark's own --warmup-steps.
+RUN_ONLY_KEYS = (
+    "name",
+    "storage_path",
+    "cpus_per_worker",
+    "use_gpu",
+    "address",
+    "resume",
+    "overwrite",
+    "max_failures",
+    "min_lr",
+    "warmup_steps",
+    "decay_lr",
+    "lr_decay_steps",
+    "max_steps",
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "divergence_factor",
+)
+BENCH_KEYS = ("warmup_steps", "bench_steps", "compare", "json", "synthetic", "vocab_size", "device")
+SYNTHETIC_CHAR_VOCAB = 256  # --synthetic with a char tokenizer and no --vocab-size
+GPT2_VOCAB = 50257
+
+
+@dataclass
+class Variant:
+    name: str
+    dtype: torch.dtype
+    compile: bool
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="python -m raygpt.bench",
+        description="Time training steps of a raygpt model in this process (no Ray).",
+    )
+    p.add_argument("experiment", nargs="?", help="experiment TOML file (keys as below)")
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument(
+        "--warmup-steps", type=int, default=5, help="untimed steps first (default 5)"
+    )
+    bench.add_argument("--bench-steps", type=int, default=20, help="timed steps (default 20)")
+    bench.add_argument(
+        "--compare",
+        action="store_true",
+        help="run fp32 / bf16 / bf16+compile (CUDA) or fp32 eager / compile (CPU) side by side",
+    )
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    bench.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random tokens instead of batches of the configured dataset",
+    )
+    bench.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"vocabulary for --synthetic (default {GPT2_VOCAB} for gpt2, "
+        f"{SYNTHETIC_CHAR_VOCAB} for char)",
+    )
+    bench.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1"
+    )
+    add_dataclass_flags(
+        p, TrainConfig, exclude=RUN_ONLY_KEYS, title="config keys (TOML key = flag name)"
+    )
+    return p
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _uses_gpt2(cfg: TrainConfig) -> bool:
+    if cfg.data_file is not None:
+        return cfg.tokenizer == "gpt2"
+    spec = data.DATASETS.get(cfg.dataset)
+    return cfg.init_from != "scratch" or (spec is not None and spec.tokenizer == "gpt2")
+
+
+def make_batches(
+    cfg: TrainConfig, n_steps: int, grad_accum: int, synthetic: bool, vocab_size: int | None
+) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], int, str]:
+    """(per step: grad_accum (x, y) CPU pairs, vocab size, description): rank 0's batches."""
+    B, T = cfg.batch_size, cfg.block_size
+    if synthetic:
+        vocab = vocab_size or (GPT2_VOCAB if _uses_gpt2(cfg) else SYNTHETIC_CHAR_VOCAB)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        steps = []
+        for _ in range(n_steps):
+            micro = []
+            for _ in range(grad_accum):
+                buf = torch.randint(vocab, (B, T + 1), generator=gen)
+                micro.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))
+            steps.append(micro)
+        return steps, vocab, f"synthetic tokens (vocab {vocab})"
+    dataset_dir = data.prepare(
+        cfg.dataset if cfg.data_file is None else None,
+        data_file=cfg.data_file,
+        tokenizer=cfg.tokenizer,
+        data_dir=cfg.data_dir,
+    )
+    meta = data.load_meta(dataset_dir)
+    sampler = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
+    world = cfg.num_workers
+    steps = [
+        [sampler.get_batch(step, 0, micro, B, world, grad_accum) for micro in range(grad_accum)]
+        for step in range(n_steps)
+    ]
+    return steps, meta["vocab_size"], f"{meta['dataset']} train split (vocab {meta['vocab_size']})"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def variants_for(cfg: TrainConfig, device: torch.device, compare: bool) -> list[Variant]:
+    from raygpt.loop import resolve_dtype
+
+    if not compare:
+        dtype = resolve_dtype(cfg, device)
+        compiled = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+        name = _dtype_name(dtype) + (" autocast" if dtype != torch.float32 else "")
+        return [Variant(name + (" + compile" if compiled else " eager"), dtype, compiled)]
+    if device.type == "cuda":
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        half_name = _dtype_name(half)
+        return [
+            Variant("fp32 (tf32 matmul)", torch.float32, False),
+            Variant(f"{half_name} autocast", half, False),
+            Variant(f"{half_name} autocast + compile", half, True),
+        ]
+    return [
+        Variant("fp32 eager", torch.float32, False),
+        Variant("fp32 + compile", torch.float32, True),
+    ]
+
+
+def run_variant(
+    variant: Variant,
+    cfg: TrainConfig,
+    vocab_size: int,
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
+    warmup_steps: int,
+) -> dict[str, Any]:
+    """Train a freshly seeded model over `batches`; step times of the steps after warmup."""
+    from raygpt.loop import build_model
+    from raygpt.optim import build_optimizer, set_lr
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, vocab_size).to(device)
+    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, device.type)
+    set_lr(optimizer, cfg.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=variant.dtype)
+        if variant.dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    train_model = torch.compile(model) if variant.compile else model
+    grad_accum = len(batches[0])
+    step_seconds, losses = [], []
+    for i, step_batches in enumerate(batches):
+        _sync(device)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for x, y in step_batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                _, loss = train_model(x, y)
+                loss = loss / grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup_steps:
+            step_seconds.append(time.perf_counter() - start)
+        losses.append(loss_sum)
+    return {
+        "step_seconds": step_seconds,
+        "final_loss": losses[-1].item(),
+        "flops_per_token": model.flops_per_token(),
+        "n_params": model.n_params(),
+    }
+
+
+def _cleanup(device: torch.device) -> None:
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ("variant", "ms/step (median)", "min..max ms", "tokens/s", "MFU", "speed-up", "loss")
+    lines = []
+    for r in rows:
+        if r.get("skipped"):
+            lines.append((r["variant"], "skipped", "", "", "", "", ""))
+            continue
+        lines.append(
+            (
+                r["variant"],
+                f"{r['ms_per_step']:.2f}",
+                f"{r['min_ms']:.1f}..{r['max_ms']:.1f}",
+                f"{r['tokens_per_sec']:,.0f}",
+                "n/a" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}%",
+                f"{r['speedup']:.2f}x",
+                f"{r['final_loss']:.4f}",
+            )
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+
+    def fmt(cells) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        return "  ".join(
+            [first, *(f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True))]
+        )
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
+
+
+def _check_bench_args(args: dict[str, Any]) -> None:
+    if args["warmup_steps"] < 0:
+        raise UserError(f"--warmup-steps must be >= 0, got {args['warmup_steps']}")
+    if args["bench_steps"] < 1:
+        raise UserError(f"--bench-steps must be >= 1, got {args['bench_steps']}")
+    if args["vocab_size"] is not None and args["vocab_size"] < 1:
+        raise UserError(f"--vocab-size must be >= 1, got {args['vocab_size']}")
+    if args["vocab_size"] is not None and not args["synthetic"]:
+        raise UserError("--vocab-size applies to --synthetic only; real data has its own")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    bench = {key: args.pop(key) for key in BENCH_KEYS}
+    experiment = args.pop("experiment")
+    _check_bench_args(bench)
+    cfg = load_train_config(experiment, args)
+    device = resolve_device(bench["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop does
+        torch.backends.cudnn.allow_tf32 = True
+    grad_accum = cfg.grad_accum_steps()
+    warmup, timed = bench["warmup_steps"], bench["bench_steps"]
+    batches, vocab_size, source = make_batches(
+        cfg, warmup + timed, grad_accum, bench["synthetic"], bench["vocab_size"]
+    )
+    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = metrics.peak_flops(device_name, cfg.peak_tflops)
+    print(
+        f"[raygpt] bench on {device_name or device.type} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads): n_layer={cfg.n_layer} n_head={cfg.n_head} "
+        f"n_embd={cfg.n_embd} block_size={cfg.block_size}, {cfg.batch_size} x {grad_accum} "
+        f"sequences = {tokens_per_step:,} tokens/step, {cfg.optimizer}; {source}; "
+        f"{warmup} warmup + {timed} timed steps",
+        flush=True,
+    )
+
+    rows: list[dict[str, Any]] = []
+    for variant in variants_for(cfg, device, bench["compare"]):
+        print(f"[raygpt] running {variant.name} ...", flush=True)
+        try:
+            result = run_variant(variant, cfg, vocab_size, batches, device, warmup)
+        except UserError:
+            raise
+        except Exception as err:
+            if not variant.compile:
+                raise
+            reason = _first_line(err)
+            print(f"[raygpt] skipped {variant.name}: torch.compile failed ({reason})", flush=True)
+            rows.append({"variant": variant.name, "skipped": reason})
+            continue
+        finally:
+            _cleanup(device)
+        median = statistics.median(result["step_seconds"])
+        tokens_per_sec = tokens_per_step / median
+        rows.append(
+            {
+                "variant": variant.name,
+                "dtype": _dtype_name(variant.dtype),
+                "compile": variant.compile,
+                "ms_per_step": median * 1000,
+                "min_ms": min(result["step_seconds"]) * 1000,
+                "max_ms": max(result["step_seconds"]) * 1000,
+                "step_ms": [s * 1000 for s in result["step_seconds"]],
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": metrics.mfu(result["flops_per_token"], tokens_per_sec, 1, peak),
+                "final_loss": result["final_loss"],
+                "n_params": result["n_params"],
+            }
+        )
+    timed_rows = [r for r in rows if not r.get("skipped")]
+    for r in timed_rows:
+        r["speedup"] = timed_rows[0]["ms_per_step"] / r["ms_per_step"]
+    print(format_table(rows))
+    if timed_rows:
+        print(f"tokens/s: {timed_rows[0]['tokens_per_sec']:,.0f} ({timed_rows[0]['variant']})")
+    if bench["json"]:
+        out = {
+            "device": device_name or device.type,
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "peak_tflops": None if peak is None else peak / 1e12,
+            "tokens_per_step": tokens_per_step,
+            "warmup_steps": warmup,
+            "bench_steps": timed,
+            "data": source,
+            "config": cfg.to_dict(),
+            "variants": rows,
+        }
+        path = Path(bench["json"]).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as err:
+            raise UserError(f"cannot write {path} ({err.strerror or err})") from None
+        print(f"[raygpt] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

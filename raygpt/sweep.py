@@ -1,0 +1,638 @@
+"""`python -m raygpt.sweep [EXPERIMENT.toml] --optimizers adamw,sgd`: which optimizer, at which lr?
+
+Ray Tune decides configs and stops trials; it never trains by itself. Each
+trial is a function trainable that builds a `TorchTrainer` running the same
+`loop.train_loop_per_worker` as `raygpt.train` (Ray Train V2's supported
+Tune pattern), with `TuneReportCallback` forwarding rank 0's reports.
+
+Search: Optuna define-by-run (optimizer categorical, a log-uniform learning
+rate per optimizer, momentum only for `momentum`), or a fixed log-spaced grid,
+or seeded random points. Scheduler: ASHA on val_loss against the training
+step, with rungs at multiples of eval_interval so every rung has an eval.
+
+Outputs in `<storage_path>/<name>/`: trials.parquet, steps.parquet (both
+rewritten atomically while the sweep runs), tensorboard/<trial_id>/ events,
+lr_sensitivity.png and friends (see raygpt.report), and runs/<trial_id>/
+checkpoints, which let a restored sweep continue its interrupted trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.tune import Callback
+
+from raygpt import launch, metrics
+from raygpt.config import (
+    OPTIMIZERS,
+    OneLineArgumentParser,
+    TrainConfig,
+    add_dataclass_flags,
+    merge,
+    read_toml,
+)
+from raygpt.errors import UserError, exit_on_user_error
+
+# Where each optimizer's learning rate is worth searching (log scale). Adaptive
+# methods normalise the step, so their useful range sits two decades lower.
+DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {
+    "adamw": (1e-4, 1e-2),
+    "adam": (1e-4, 1e-2),
+    "sgd": (1e-3, 1.0),
+    "momentum": (1e-3, 1.0),
+    "adagrad": (1e-3, 1.0),
+}
+MOMENTUM_RANGE = (0.8, 0.99)
+SEARCHES = ("optuna", "grid", "random")
+SCHEDULERS = ("asha", "fifo")
+METRIC, MODE = "val_loss", "min"
+
+# Keys of TrainConfig that the sweep owns (per-trial names, storage, cluster).
+SWEEP_OWNED_TRAIN_KEYS = ("name", "storage_path", "address", "resume", "overwrite", "use_gpu")
+
+
+@dataclass
+class SweepConfig:
+    """The `[sweep]` table of an experiment file; every key is also a flag."""
+
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "sgd"])
+    num_samples: int = 12  # trials in all (grid: optimizers x grid_points instead)
+    search: str = "optuna"  # optuna | grid | random
+    scheduler: str = "asha"  # asha | fifo
+    grace_steps: int | None = None  # ASHA's first rung; default 2 x eval_interval
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    grid_points: int = 5  # learning rates per optimizer for --search grid
+    lr_range: list[str] = field(default_factory=list)  # OPT=LO:HI, overrides the defaults
+    workers_per_trial: int = 1  # DDP workers inside each trial
+    max_concurrent_trials: int | None = None  # default: as many as the cluster fits
+    max_trial_failures: int = 0  # retries of a trial that raised
+    use_gpu: str = "auto"
+    name: str | None = None
+    storage_path: str = "~/ray_results"
+    address: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def lr_ranges(self) -> dict[str, tuple[float, float]]:
+        ranges = {opt: DEFAULT_LR_RANGES[opt] for opt in self.optimizers}
+        for spec in self.lr_range:
+            opt, lo, hi = _parse_lr_range(spec)
+            if opt not in self.optimizers:
+                raise UserError(
+                    f"--lr-range {spec!r} names {opt!r}, which is not in --optimizers "
+                    f"{','.join(self.optimizers)}"
+                )
+            ranges[opt] = (lo, hi)
+        return ranges
+
+    def validate(self, train: TrainConfig) -> SweepConfig:
+        if not self.optimizers:
+            raise UserError("--optimizers is empty; name at least one of " + ", ".join(OPTIMIZERS))
+        for opt in self.optimizers:
+            if opt not in OPTIMIZERS:
+                raise UserError(
+                    f"unknown optimizer {opt!r} in --optimizers; choose from {', '.join(OPTIMIZERS)}"
+                )
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise UserError(f"--optimizers {','.join(self.optimizers)} repeats a name")
+        if self.search not in SEARCHES:
+            raise UserError(f"unknown --search {self.search!r}; choose {', '.join(SEARCHES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(
+                f"unknown --scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}"
+            )
+        for key in ("num_samples", "workers_per_trial", "grid_points"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.reduction_factor < 2:
+            raise UserError(f"reduction_factor={self.reduction_factor} must be >= 2")
+        if self.max_trial_failures < 0:
+            raise UserError(f"max_trial_failures={self.max_trial_failures} must be >= 0")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise UserError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1")
+        grace = self.resolved_grace_steps(train)
+        if grace % train.eval_interval or not 0 < grace <= train.max_steps:
+            raise UserError(
+                f"grace_steps={grace} must be a multiple of eval_interval={train.eval_interval} "
+                f"and at most max_steps={train.max_steps}"
+            )
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; choose one")
+        self.lr_ranges()
+        return self
+
+    def resolved_grace_steps(self, train: TrainConfig) -> int:
+        if self.grace_steps is not None:
+            return self.grace_steps
+        return min(2 * train.eval_interval, train.max_steps)
+
+
+def _parse_lr_range(spec: str) -> tuple[str, float, float]:
+    try:
+        opt, bounds = spec.split("=", 1)
+        lo_text, hi_text = bounds.split(":", 1)
+        lo, hi = float(lo_text), float(hi_text)
+    except ValueError:
+        raise UserError(
+            f"--lr-range {spec!r} is not OPT=LO:HI (for example adamw=1e-4:1e-2)"
+        ) from None
+    opt = opt.strip()
+    if not (0 < lo < hi) or not math.isfinite(hi):
+        raise UserError(f"--lr-range {spec!r} needs 0 < LO < HI, got LO={lo:g} HI={hi:g}")
+    return opt, lo, hi
+
+
+# --------------------------------------------------------------------------- search space
+
+
+class OptunaSpace:
+    """Define-by-run space: each optimizer has its own lr dimension, so TPE models them apart.
+
+    A class, not a closure, because Tune pickles the searcher with the sweep state.
+    """
+
+    def __init__(self, optimizers: list[str], ranges: dict[str, tuple[float, float]]):
+        self.optimizers = list(optimizers)
+        self.ranges = dict(ranges)
+
+    def __call__(self, trial) -> None:
+        optimizer = trial.suggest_categorical("optimizer", self.optimizers)
+        lo, hi = self.ranges[optimizer]
+        trial.suggest_float(f"{optimizer}_learning_rate", lo, hi, log=True)
+        if optimizer == "momentum":
+            trial.suggest_float("momentum", *MOMENTUM_RANGE)
+
+
+def grid_points(
+    optimizers: list[str], ranges: dict[str, tuple[float, float]], points: int
+) -> list[dict[str, Any]]:
+    """Log-spaced learning rates per optimizer, like the classic lr_sweep.sh scripts."""
+    return [
+        {"optimizer": opt, "learning_rate": float(lr)}
+        for opt in optimizers
+        for lr in np.geomspace(*ranges[opt], points)
+    ]
+
+
+def random_points(
+    optimizers: list[str], ranges: dict[str, tuple[float, float]], samples: int, seed: int
+) -> list[dict[str, Any]]:
+    """Seeded uniform-in-log samples: the baseline a model-based search should beat."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(samples):
+        opt = optimizers[int(rng.integers(len(optimizers)))]
+        lo, hi = ranges[opt]
+        point = {"optimizer": opt, "learning_rate": float(np.exp(rng.uniform(*np.log([lo, hi]))))}
+        if opt == "momentum":
+            point["momentum"] = float(rng.uniform(*MOMENTUM_RANGE))
+        out.append(point)
+    return out
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Normalise what a searcher sampled into TrainConfig keys."""
+    params = dict(config.get("point", config))
+    optimizer = params["optimizer"]
+    if "learning_rate" not in params:
+        params["learning_rate"] = params.pop(f"{optimizer}_learning_rate")
+    return {k: v for k, v in params.items() if k in ("optimizer", "learning_rate", "momentum")}
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], runs_dir: str, use_gpu: bool) -> None:
+    """A Tune function trainable: one TorchTrainer run of the shared training loop."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TrainConfig.from_dict({**base, **trial_params(config)}).validate()
+    trial_id = ray.tune.get_context().get_trial_id()
+    # The trainer's name is the trial id: a restored trial finds its own checkpoints.
+    trainer = launch.build_trainer(
+        cfg,
+        name=trial_id,
+        storage_path=runs_dir,
+        use_gpu=use_gpu,
+        callbacks=[TuneReportCallback()],
+        run_info={"trial_id": trial_id},
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class SweepOutputs(Callback):
+    """Tune callback on the driver: trials.parquet, steps.parquet and TensorBoard, live.
+
+    It is pickled with the Tuner's state; only paths and settings survive
+    pickling, and the tables are reloaded from the Parquet files, so a
+    restored sweep continues the same files without duplicating a row.
+    """
+
+    WRITE_EVERY_S = 5.0
+
+    def __init__(self, sweep_dir: str, metadata: dict[str, Any], max_steps: int):
+        self.sweep_dir = sweep_dir
+        self.metadata = metadata
+        self.max_steps = max_steps
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps: metrics.StepLog | None = None
+        self._trials: dict[str, dict[str, Any]] = {}
+        self._tensorboard: dict[str, metrics.TensorBoardLog] = {}
+        self._started: dict[str, float] = {}
+        self._last_write = 0.0
+        self._sweep_started = time.time()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: self.__dict__[k] for k in ("sweep_dir", "metadata", "max_steps")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # -- state
+    def _load(self) -> None:
+        if self._steps is not None:
+            return
+        root = Path(self.sweep_dir)
+        self._steps = metrics.StepLog(root / "steps.parquet", self.metadata)
+        trials_path = root / "trials.parquet"
+        if trials_path.exists():
+            import pyarrow.parquet as pq
+
+            for row in pq.read_table(trials_path).to_pylist():
+                self._trials[row["trial_id"]] = row
+
+    def _record(self, trial) -> dict[str, Any]:
+        record = self._trials.get(trial.trial_id)
+        if record is None:
+            params = trial_params(trial.config)
+            record = {col: None for col in metrics.TRIAL_SCHEMA.names} | {
+                "trial_id": trial.trial_id,
+                "optimizer": params["optimizer"],
+                "learning_rate": params["learning_rate"],
+                "momentum": params.get("momentum"),
+                "params": json.dumps(params),
+                "status": "running",
+                "steps": 0,
+                "wall_seconds": 0.0,
+            }
+            self._trials[trial.trial_id] = record
+        return record
+
+    def _write(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_write < self.WRITE_EVERY_S:
+            return
+        self._last_write = now
+        self._steps.write()
+        rows = [self._trials[k] for k in sorted(self._trials)]
+        table = metrics.pa.Table.from_pylist(rows, schema=metrics.TRIAL_SCHEMA)
+        metrics.write_parquet_atomic(
+            metrics.with_metadata(table, self.metadata), Path(self.sweep_dir) / "trials.parquet"
+        )
+
+    def _close_tensorboard(self, trial_id: str) -> None:
+        if (tb := self._tensorboard.pop(trial_id, None)) is not None:
+            tb.close()
+
+    def _finish(self, trial, status: str, error: str | None = None) -> None:
+        self._load()
+        record = self._record(trial)
+        if status != "error" and record.get("diverged_flag"):
+            status = "diverged"
+        record["status"] = status
+        record["error"] = error
+        self._account_wall(trial.trial_id, record)
+        self._summarise_steps(record)
+        record.pop("diverged_flag", None)
+        self._close_tensorboard(trial.trial_id)
+        self._write(force=True)
+        done = sum(r["status"] != "running" for r in self._trials.values())
+        best = self._best()
+        best_text = (
+            f"best so far {best['optimizer']} lr={best['learning_rate']:.3g} "
+            f"val={best['best_val_loss']:.4f}"
+            if best
+            else "no finished trial yet"
+        )
+        print(
+            f"[sweep] trial {trial.trial_id} {record['optimizer']} lr={record['learning_rate']:.3g}"
+            f": {status} at step {record['steps']}"
+            + (f" (val {record['best_val_loss']:.4f})" if record["best_val_loss"] else "")
+            + f" | {done} trial(s) finished | {best_text}",
+            flush=True,
+        )
+
+    def _account_wall(self, trial_id: str, record: dict[str, Any]) -> None:
+        started = self._started.pop(trial_id, None)
+        if started is not None:
+            record["wall_seconds"] = (record["wall_seconds"] or 0.0) + time.time() - started
+
+    def _summarise_steps(self, record: dict[str, Any]) -> None:
+        rows = self._steps.rows_for(record["trial_id"])
+        if not rows:
+            return
+        speeds = [r["tokens_per_sec"] for r in rows if r["tokens_per_sec"]]
+        mfus = [r["mfu"] for r in rows if r["mfu"] is not None]
+        record["train_seconds"] = sum(r["step_time_ms"] or 0.0 for r in rows) / 1000
+        record["tokens"] = rows[-1]["tokens_seen"]
+        record["mean_tokens_per_sec"] = float(np.mean(speeds)) if speeds else None
+        record["mean_mfu"] = float(np.mean(mfus)) if mfus else None
+        record["final_train_loss"] = rows[-1]["train_loss"]
+
+    def _best(self) -> dict[str, Any] | None:
+        finished = [
+            r
+            for r in self._trials.values()
+            if r["status"] in ("completed", "stopped_early")
+            and r["best_val_loss"] is not None
+            and math.isfinite(r["best_val_loss"])
+        ]
+        return min(finished, key=lambda r: r["best_val_loss"], default=None)
+
+    # -- Tune callback hooks
+    def setup(self, **info) -> None:
+        self._load()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._load()
+        record = self._record(trial)
+        record["status"] = "running"
+        self._started[trial.trial_id] = time.time()
+        self._write(force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._load()
+        record = self._record(trial)
+        params = trial_params(trial.config)
+        common = {
+            "run": trial.trial_id,
+            "trial_id": trial.trial_id,
+            "optimizer": params["optimizer"],
+            "learning_rate": params["learning_rate"],
+        }
+        fresh = self._steps.add(result.get("steps") or [], **common)
+        if trial.trial_id not in self._tensorboard:
+            tb_dir = Path(self.sweep_dir) / "tensorboard" / trial.trial_id
+            self._tensorboard[trial.trial_id] = metrics.TensorBoardLog(tb_dir)
+        self._tensorboard[trial.trial_id].add(fresh)
+        record["steps"] = result.get("step", record["steps"])
+        record["best_val_loss"] = result.get("best_val_loss")
+        record["final_val_loss"] = result.get("val_loss")
+        record["final_train_loss"] = result.get("train_loss")
+        record["checkpoint_path"] = result.get("checkpoint_path") or record["checkpoint_path"]
+        if result.get("diverged"):
+            record["diverged_flag"] = True
+        self._write()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        record = self._trials.get(trial.trial_id) or {}
+        finished = (record.get("steps") or 0) >= self.max_steps
+        self._finish(trial, "completed" if finished else "stopped_early")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "error", _trial_error_line(trial))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._load()
+        for trial_id in list(self._tensorboard):
+            self._close_tensorboard(trial_id)
+        self._write(force=True)
+
+
+def _trial_error_line(trial) -> str:
+    """The last meaningful line of a trial's error (the exception message)."""
+    text = ""
+    error_file = getattr(trial, "error_file", None)
+    if error_file and Path(error_file).exists():
+        text = Path(error_file).read_text(errors="replace")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def build_search(sweep: SweepConfig, train: TrainConfig):
+    """(search_alg or None, param_space, num_samples) for Tuner."""
+    from ray import tune
+
+    ranges = sweep.lr_ranges()
+    if sweep.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(
+            seed=train.seed,
+            n_startup_trials=max(len(sweep.optimizers) * 2, sweep.num_samples // 3),
+            constant_liar=True,  # concurrent trials do not all sample the same point
+        )
+        search = OptunaSearch(
+            space=OptunaSpace(sweep.optimizers, ranges), metric=METRIC, mode=MODE, sampler=sampler
+        )
+        return search, {}, sweep.num_samples
+    if sweep.search == "grid":
+        points = grid_points(sweep.optimizers, ranges, sweep.grid_points)
+    else:
+        points = random_points(sweep.optimizers, ranges, sweep.num_samples, train.seed)
+    return None, {"point": tune.grid_search(points)}, 1
+
+
+def build_scheduler(sweep: SweepConfig, train: TrainConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=train.max_steps,
+        grace_period=sweep.resolved_grace_steps(train),
+        reduction_factor=sweep.reduction_factor,
+    )
+
+
+def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a sweep; return the summary dict of raygpt.report."""
+    from ray import tune
+
+    name = sweep.name or f"sweep-{'-'.join(sweep.optimizers)}-{sweep.search}"
+    storage = launch.storage_root(sweep.storage_path)
+    sweep_dir = Path(storage) / name
+    train = TrainConfig.from_dict(train.to_dict() | {"num_workers": sweep.workers_per_trial})
+    train.validate()
+
+    from raygpt.train import prepare_data  # fail on bad data before Ray starts
+
+    _, data_meta = prepare_data(train)
+    launch.check_run_dir(sweep_dir, sweep.resume, sweep.overwrite, kind="sweep")
+    if sweep.resume and not tune.Tuner.can_restore(str(sweep_dir)):
+        raise UserError(
+            f"cannot resume: {sweep_dir} holds no Tune experiment state; start it without --resume"
+        )
+
+    started = time.perf_counter()
+    launch.connect(sweep.address)
+    use_gpu = launch.resolve_use_gpu(sweep.use_gpu)
+    gpus = 1 if use_gpu else 0
+    launch.check_fits(sweep.workers_per_trial, train.cpus_per_worker, gpus, what="each trial")
+    concurrent = launch.trials_that_fit(sweep.workers_per_trial, train.cpus_per_worker, gpus)
+    if sweep.max_concurrent_trials is not None:
+        concurrent = min(concurrent, sweep.max_concurrent_trials)
+    ray_ready = time.perf_counter()
+    # Only now, with every check passed, may --overwrite remove the old sweep.
+    launch.prepare_run_dir(sweep_dir, sweep.resume, sweep.overwrite, kind="sweep")
+
+    metadata = {
+        "sweep": {k: v for k, v in vars(sweep).items()} | {"name": name},
+        "config": train.to_dict(),
+        "environment": metrics.environment(),
+        "data": {k: data_meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256")},
+    }
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps(metadata, indent=2, default=str))
+    outputs = SweepOutputs(str(sweep_dir), metadata, train.max_steps)
+    base = train.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, base=base, runs_dir=str(sweep_dir / "runs"), use_gpu=use_gpu
+        ),
+        # The trial actor only waits on its TorchTrainer; the workers hold the CPUs.
+        # (Tune rejects an all-zero request, so it reserves a token 1 MiB of memory.)
+        {"cpu": 0, "memory": 1 << 20},
+    )
+    print(
+        f"[sweep] {name}: {sweep.search} search over {','.join(sweep.optimizers)}, "
+        f"{sweep.scheduler} scheduler, up to {concurrent} trial(s) at once, "
+        f"{train.max_steps} steps max -> {sweep_dir}",
+        flush=True,
+    )
+    if sweep.resume:
+        tuner = tune.Tuner.restore(
+            str(sweep_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=sweep.max_trial_failures > 0,
+        )
+    else:
+        search_alg, param_space, num_samples = build_search(sweep, train)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=search_alg,
+                scheduler=build_scheduler(sweep, train),
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                callbacks=[outputs],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
+                verbose=0,
+            ),
+        )
+    # Tune's result grid looks for the per-trial JSON/CSV logs raygpt turns off.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tuner.fit()
+    finished = time.perf_counter()
+
+    from raygpt import report
+
+    text, pngs = report.render(sweep_dir)
+    print(text, flush=True)
+    for png in pngs:
+        print(f"[sweep] plot: {png}", flush=True)
+    summary = report.summarize(*report.load(sweep_dir)[:2])
+    summary["sweep_dir"] = str(sweep_dir)
+    summary["ray_startup_seconds"] = round(ray_ready - started, 2)
+    summary["sweep_seconds"] = round(finished - ray_ready, 2)
+    print(
+        f"[sweep] wall {summary['sweep_seconds']:.0f}s after {summary['ray_startup_seconds']:.1f}s "
+        f"Ray start-up; results in {sweep_dir}",
+        flush=True,
+    )
+    return summary
+
+
+def load_configs(experiment: str | None, flags: dict[str, Any]) -> tuple[SweepConfig, TrainConfig]:
+    """SweepConfig from `[sweep]` + sweep flags; TrainConfig from the rest."""
+    file_values = read_toml(experiment) if experiment else {}
+    source = experiment or "defaults"
+    sweep_table = file_values.pop("sweep", {})
+    if not isinstance(sweep_table, dict):
+        raise UserError(f"[sweep] in {source} must be a table")
+    sweep_keys = {f for f in SweepConfig.__dataclass_fields__}
+    sweep_flags = {k: v for k, v in flags.items() if k in sweep_keys}
+    train_flags = {k: v for k, v in flags.items() if k not in sweep_keys}
+    if "lr_range" in sweep_flags:  # repeated flag: a list of OPT=LO:HI strings
+        sweep_flags["lr_range"] = [
+            part for value in sweep_flags["lr_range"] for part in value.replace(",", " ").split()
+        ]
+    sweep = merge(SweepConfig, sweep_table, sweep_flags, f"[sweep] of {source}")
+    for key in SWEEP_OWNED_TRAIN_KEYS:
+        file_values.pop(key, None)
+    train = merge(TrainConfig, file_values, train_flags, source).validate()
+    return sweep.validate(train), train
+
+
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="python -m raygpt.sweep",
+        description="Search optimizer x learning rate with Ray Tune (Optuna + ASHA).",
+    )
+    parser.add_argument("experiment", nargs="?", help="experiment TOML ([sweep] table + keys)")
+    add_dataclass_flags(parser, SweepConfig, exclude=("lr_range",), title="sweep keys")
+    parser.add_argument(
+        "--lr-range",
+        dest="lr_range",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="OPT=LO:HI",
+        help="learning-rate range for one optimizer (repeatable)",
+    )
+    add_dataclass_flags(
+        parser, TrainConfig, exclude=SWEEP_OWNED_TRAIN_KEYS, title="training keys (per trial)"
+    )
+    return parser
+
+
+def configs_from_argv(argv: list[str] | None) -> tuple[SweepConfig, TrainConfig]:
+    args = vars(build_parser().parse_args(argv))
+    experiment = args.pop("experiment")
+    return load_configs(experiment, args)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    run(*configs_from_argv(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
