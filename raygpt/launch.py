@@ -25,6 +25,7 @@ from raygpt.config import TrainConfig
 from raygpt.errors import UserError
 
 DASHBOARD_HOST_ENV = "RAYGPT_DASHBOARD_HOST"
+CONTROLLER_POLL_S = "0.25"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -171,6 +172,10 @@ def build_trainer(
 
     from raygpt.loop import train_loop_per_worker
 
+    # Each report waits for the controller's next poll of the workers (Ray's
+    # default: every 2 s), so frequent evals of a small model would spend most
+    # of their time blocked in ray.train.report. Ray hands this to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
@@ -193,11 +198,14 @@ def build_trainer(
     )
 
 
+def raygpt_env() -> dict[str, str]:
+    """raygpt's own settings (data cache, fault drills), to forward to Ray processes."""
+    return {k: v for k, v in os.environ.items() if k.startswith("RAYGPT_")}
+
+
 def _worker_env() -> dict[str, str]:
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray's print patch echoes each line twice
-    # Forward raygpt's own settings (data cache, fault drills) from the driver.
-    env.update({k: v for k, v in os.environ.items() if k.startswith("RAYGPT_")})
-    return env
+    # Ray's print patch would echo each progress line twice.
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **raygpt_env()}
 
 
 def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) -> UserError | None:
@@ -212,10 +220,8 @@ def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) ->
     nested += list(getattr(exc, "worker_failures", {}).values())
     nested.append(getattr(exc, "controller_failure", None))
     if hasattr(exc, "as_instanceof_cause"):
-        try:
+        with contextlib.suppress(Exception):  # best-effort unwrapping only
             nested.append(exc.as_instanceof_cause())
-        except Exception:  # noqa: BLE001 - best effort unwrapping only
-            pass
     nested.append(getattr(exc, "cause", None))
     for inner in nested:
         if (found := find_user_error(inner, seen)) is not None:

@@ -206,7 +206,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, first_loss, best_val = 0, None, math.inf
-    unsaved_rows: list[dict[str, Any]] = []
     state = _newest_state(context, device)
     resumed = state is not None
     if state is not None:
@@ -217,9 +216,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _set_rng_state(state["rng"])
         start_step = state["step"]
         first_loss, best_val = state["first_loss"], state["best_val_loss"]
-        # Re-send the rows this checkpoint carries: the report that delivered
-        # them may have been lost with the crash (the sinks drop duplicates).
-        unsaved_rows = list(state.get("rows_since_previous_checkpoint", []))
         if is_main:
             print(f"[raygpt] resumed from step {start_step}", flush=True)
 
@@ -237,10 +233,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    # Rows of steps not yet reported, and rows since the previous checkpoint
-    # (stored in the next checkpoint so no row is lost if a report is).
-    pending_rows: list[dict[str, Any]] = unsaved_rows if is_main else []
-    rows_since_checkpoint: list[dict[str, Any]] = []
+    # Rank 0 appends every step's row to the run's steps.jsonl, beside its
+    # checkpoints, before each report: the drivers' Parquet and TensorBoard
+    # files are rebuilt from it, so a lost report or a killed driver loses no row.
+    pending_rows: list[dict[str, Any]] = []
+    row_identity = {
+        "run": context.get_experiment_name(),
+        "trial_id": "",
+        "optimizer": cfg.optimizer,
+        "learning_rate": cfg.learning_rate,
+        **run_info,
+    }
+    row_log = metrics.RowLog(metrics.rows_path(context.get_storage().experiment_fs_path))
     last_val: float | None = None
     started = time.perf_counter()
     step = start_step
@@ -293,7 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step_time_ms": step_seconds * 1000,
             "tokens_per_sec": tokens_per_sec,
             "mfu": metrics.mfu(flops_per_token, tokens_per_sec, world_size, peak),
-            **run_info,
+            **row_identity,
         }
         is_last = step == cfg.max_steps or diverged
         if step % cfg.eval_interval == 0 or is_last:
@@ -319,10 +323,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "lr": lr,
                 "diverged": diverged,
                 "done": is_last,
-                "steps": pending_rows,
             }
             save_now = step % ckpt_interval == 0 or is_last
-            rows_since_checkpoint.extend(pending_rows)
             state_now = None
             if save_now and is_main:
                 state_now = {
@@ -335,11 +337,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "best_val_loss": best_val,
                     "config": cfg.to_dict(),
                     "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
-                    "rows_since_previous_checkpoint": rows_since_checkpoint,
                 }
+            if is_main:
+                row_log.append(pending_rows)
             _report(report, state_now, step)
-            if save_now:
-                rows_since_checkpoint = []
             pending_rows = []
             if diverged:
                 if is_main:

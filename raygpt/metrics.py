@@ -171,11 +171,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 class StepLog:
     """Per-step rows of one or many runs, deduplicated on (trial_id, step)."""
 
-    def __init__(self, path: str | Path, metadata: dict[str, Any] | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None, metadata: dict[str, Any] | None = None):
+        self.path = None if path is None else Path(path)
         self.metadata = dict(metadata or {})
         self._rows: dict[tuple[str, int], dict[str, Any]] = {}
-        if self.path.exists():  # a resumed run or sweep keeps what it already wrote
+        if self.path is not None and self.path.exists():  # a resumed run keeps what it wrote
             for row in pq.read_table(self.path).to_pylist():
                 self._rows[(row["trial_id"] or "", row["step"])] = row
 
@@ -209,6 +209,53 @@ class StepLog:
 
     def write(self) -> None:
         write_parquet_atomic(self.table(), self.path)
+
+
+ROWS_FILE = "steps.jsonl"
+
+
+def rows_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ROWS_FILE
+
+
+class RowLog:
+    """Append-only JSON-lines log of step rows, written by rank 0 beside its checkpoints.
+
+    Each append is flushed and fsynced before the report that announces it, so
+    the log is at least as durable as the checkpoints. A step replayed after a
+    restart is appended again; readers keep the last copy of each step.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        if not lines:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class RowTail:
+    """Reads the rows appended to a RowLog since the last call (complete lines only)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- TensorBoard
@@ -246,7 +293,7 @@ class TensorBoardLog:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rem = divmod(seconds, 3600)
     minutes, secs = divmod(rem, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

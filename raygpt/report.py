@@ -380,7 +380,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         lines.append("")
         for i, r in enumerate(table):
-            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+            cells = [r[0].ljust(widths[0])] + [
+                c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+            ]
             lines.append("  ".join(cells).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))

@@ -198,6 +198,8 @@ def load_checkpoint_model(
             f"checkpoint {where} does not record its tokenizer (data.tokenizer is "
             f"{data_info.get('tokenizer')!r}); it cannot be decoded"
         )
+    if data_info["tokenizer"] == "char" and not isinstance(data_info.get("itos"), list):
+        raise UserError(f"checkpoint {where} lacks its character vocabulary (data.itos)")
     tokenizer = data.tokenizer_from_meta(data_info)
     model_config = model_config_from_state(weights, config, where)
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -208,7 +210,11 @@ def load_checkpoint_model(
     model_config.vocab_size = tokenizer.vocab_size
     model = GPT(model_config)
     weights = _crop_vocab(weights, tokenizer.vocab_size)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"checkpoint {where} does not fit the GPT model ({detail})") from None
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
     if missing or unexpected:
         shown = ", ".join((missing + unexpected)[:4])

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from ray.tune import Callback
 
-from raygpt import launch, metrics
+from raygpt import data, launch, metrics
 from raygpt.config import (
     OPTIMIZERS,
     OneLineArgumentParser,
@@ -211,10 +211,16 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one trial
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], runs_dir: str, use_gpu: bool) -> None:
+def run_trial(
+    config: dict[str, Any], base: dict[str, Any], runs_dir: str, use_gpu: bool, env: dict[str, str]
+) -> None:
     """A Tune function trainable: one TorchTrainer run of the shared training loop."""
+    import os
+
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    os.environ.update(env)  # the driver's RAYGPT_* settings, on to the trial's workers
 
     cfg = TrainConfig.from_dict({**base, **trial_params(config)}).validate()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -236,6 +242,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], runs_dir: str, use_g
 class SweepOutputs(Callback):
     """Tune callback on the driver: trials.parquet, steps.parquet and TensorBoard, live.
 
+    Step rows come from each trial's `runs/<trial_id>/steps.jsonl`, which
+    rank 0 appends before every report, and are merged into the sweep's
+    `steps.parquet` every few seconds and whenever a trial ends; a restored
+    sweep re-reads the logs, so a killed driver loses no row.
+
     It is pickled with the Tuner's state; only paths and settings survive
     pickling, and the tables are reloaded from the Parquet files, so a
     restored sweep continues the same files without duplicating a row.
@@ -250,7 +261,8 @@ class SweepOutputs(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._steps: metrics.StepLog | None = None
+        self._steps: dict[str, metrics.StepLog] | None = None
+        self._tails: dict[str, metrics.RowTail] = {}
         self._trials: dict[str, dict[str, Any]] = {}
         self._tensorboard: dict[str, metrics.TensorBoardLog] = {}
         self._started: dict[str, float] = {}
@@ -269,13 +281,32 @@ class SweepOutputs(Callback):
         if self._steps is not None:
             return
         root = Path(self.sweep_dir)
-        self._steps = metrics.StepLog(root / "steps.parquet", self.metadata)
+        self._steps = {}
+        self._tails = {}
+        for trial_dir in sorted((root / "runs").glob("*")):
+            self._steps[trial_dir.name] = metrics.StepLog(metadata=self.metadata)
+            self._tails[trial_dir.name] = metrics.RowTail(metrics.rows_path(trial_dir))
+            # Rows already in the merged file are not sent to TensorBoard again.
+            self._steps[trial_dir.name].add(self._tails[trial_dir.name].read_new())
         trials_path = root / "trials.parquet"
         if trials_path.exists():
             import pyarrow.parquet as pq
 
             for row in pq.read_table(trials_path).to_pylist():
                 self._trials[row["trial_id"]] = row
+
+    def _ingest(self, trial_id: str) -> None:
+        """Read a trial's new rows from its steps.jsonl; put the new steps in TensorBoard."""
+        if trial_id not in self._steps:
+            self._steps[trial_id] = metrics.StepLog(metadata=self.metadata)
+            run_dir = Path(self.sweep_dir) / "runs" / trial_id
+            self._tails[trial_id] = metrics.RowTail(metrics.rows_path(run_dir))
+        fresh = self._steps[trial_id].add(self._tails[trial_id].read_new())
+        if fresh:
+            if trial_id not in self._tensorboard:
+                tb_dir = Path(self.sweep_dir) / "tensorboard" / trial_id
+                self._tensorboard[trial_id] = metrics.TensorBoardLog(tb_dir)
+            self._tensorboard[trial_id].add(fresh)
 
     def _record(self, trial) -> dict[str, Any]:
         record = self._trials.get(trial.trial_id)
@@ -299,7 +330,15 @@ class SweepOutputs(Callback):
         if not force and now - self._last_write < self.WRITE_EVERY_S:
             return
         self._last_write = now
-        self._steps.write()
+        merged = [log.table() for _, log in sorted(self._steps.items())]
+        steps = (
+            metrics.pa.concat_tables(merged)
+            if merged
+            else metrics.pa.Table.from_pylist([], schema=metrics.STEP_SCHEMA)
+        )
+        metrics.write_parquet_atomic(
+            metrics.with_metadata(steps, self.metadata), Path(self.sweep_dir) / "steps.parquet"
+        )
         rows = [self._trials[k] for k in sorted(self._trials)]
         table = metrics.pa.Table.from_pylist(rows, schema=metrics.TRIAL_SCHEMA)
         metrics.write_parquet_atomic(
@@ -313,6 +352,7 @@ class SweepOutputs(Callback):
     def _finish(self, trial, status: str, error: str | None = None) -> None:
         self._load()
         record = self._record(trial)
+        self._ingest(trial.trial_id)  # the rows of the final report
         if status != "error" and record.get("diverged_flag"):
             status = "diverged"
         record["status"] = status
@@ -344,7 +384,8 @@ class SweepOutputs(Callback):
             record["wall_seconds"] = (record["wall_seconds"] or 0.0) + time.time() - started
 
     def _summarise_steps(self, record: dict[str, Any]) -> None:
-        rows = self._steps.rows_for(record["trial_id"])
+        log = self._steps.get(record["trial_id"])
+        rows = log.rows_for(record["trial_id"]) if log is not None else []
         if not rows:
             return
         speeds = [r["tokens_per_sec"] for r in rows if r["tokens_per_sec"]]
@@ -379,18 +420,7 @@ class SweepOutputs(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._load()
         record = self._record(trial)
-        params = trial_params(trial.config)
-        common = {
-            "run": trial.trial_id,
-            "trial_id": trial.trial_id,
-            "optimizer": params["optimizer"],
-            "learning_rate": params["learning_rate"],
-        }
-        fresh = self._steps.add(result.get("steps") or [], **common)
-        if trial.trial_id not in self._tensorboard:
-            tb_dir = Path(self.sweep_dir) / "tensorboard" / trial.trial_id
-            self._tensorboard[trial.trial_id] = metrics.TensorBoardLog(tb_dir)
-        self._tensorboard[trial.trial_id].add(fresh)
+        self._ingest(trial.trial_id)
         record["steps"] = result.get("step", record["steps"])
         record["best_val_loss"] = result.get("best_val_loss")
         record["final_val_loss"] = result.get("val_loss")
@@ -480,7 +510,11 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     name = sweep.name or f"sweep-{'-'.join(sweep.optimizers)}-{sweep.search}"
     storage = launch.storage_root(sweep.storage_path)
     sweep_dir = Path(storage) / name
-    train = TrainConfig.from_dict(train.to_dict() | {"num_workers": sweep.workers_per_trial})
+    # Trials read the data cache the driver resolved, whatever their environment.
+    train = TrainConfig.from_dict(
+        train.to_dict()
+        | {"num_workers": sweep.workers_per_trial, "data_dir": str(data.data_root(train.data_dir))}
+    )
     train.validate()
 
     from raygpt.train import prepare_data  # fail on bad data before Ray starts
@@ -508,7 +542,9 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
         "sweep": {k: v for k, v in vars(sweep).items()} | {"name": name},
         "config": train.to_dict(),
         "environment": metrics.environment(),
-        "data": {k: data_meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256")},
+        "data": {
+            k: data_meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256")
+        },
     }
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps(metadata, indent=2, default=str))
@@ -516,7 +552,11 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     base = train.to_dict()
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=base, runs_dir=str(sweep_dir / "runs"), use_gpu=use_gpu
+            run_trial,
+            base=base,
+            runs_dir=str(sweep_dir / "runs"),
+            use_gpu=use_gpu,
+            env=launch.raygpt_env(),
         ),
         # The trial actor only waits on its TorchTrainer; the workers hold the CPUs.
         # (Tune rejects an all-zero request, so it reserves a token 1 MiB of memory.)

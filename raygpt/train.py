@@ -9,6 +9,7 @@ bad input costs seconds, not a worker-group start. Results land in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -18,40 +19,33 @@ from typing import Any
 from ray.train import UserCallback
 
 from raygpt import checkpoint, data, launch, metrics, model
+from raygpt import metrics as results  # RunOutputs.after_report has a parameter named metrics
 from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
 from raygpt.errors import UserError, exit_on_user_error
 
 
 class RunOutputs(UserCallback):
-    """Writes a run's step rows to Parquet and TensorBoard as reports arrive.
+    """Turns the run's steps.jsonl (rank 0's row log) into Parquet and TensorBoard.
 
-    Runs in the Train controller, which Ray places on the driver's node, so a
-    local storage path is the same folder the user asked for.
+    Runs in the Train controller, which Ray places on the driver's node, after
+    every report; a resumed run re-reads the whole log and keeps one row a step.
     """
 
-    def __init__(self, run_dir: str, metadata: dict[str, Any], common: dict[str, Any]):
+    def __init__(self, run_dir: str, metadata: dict[str, Any]):
         self.run_dir = run_dir
         self.metadata = metadata
-        self.common = common
-        self._log: metrics.StepLog | None = None
-        self._tensorboard: metrics.TensorBoardLog | None = None
+        self._log: results.StepLog | None = None
+        self._tail: results.RowTail | None = None
+        self._tensorboard: results.TensorBoardLog | None = None
 
-    def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ARG002
-        rows = metrics[0].get("steps") or []
+    def after_report(self, run_context, metrics, checkpoint) -> None:
         if self._log is None:
-            self._log = _steps_log(self.run_dir, self.metadata)
-            self._tensorboard = _tensorboard(self.run_dir)
-        fresh = self._log.add(rows, **self.common)
+            self._log = results.StepLog(Path(self.run_dir) / "steps.parquet", self.metadata)
+            self._tail = results.RowTail(results.rows_path(self.run_dir))
+            self._tensorboard = results.TensorBoardLog(Path(self.run_dir) / "tensorboard")
+        fresh = self._log.add(self._tail.read_new())
         self._log.write()
         self._tensorboard.add(fresh)
-
-
-def _steps_log(run_dir: str, metadata: dict[str, Any]):
-    return metrics.StepLog(Path(run_dir) / "steps.parquet", metadata)
-
-
-def _tensorboard(run_dir: str):
-    return metrics.TensorBoardLog(Path(run_dir) / "tensorboard")
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
@@ -97,6 +91,8 @@ def check_resume_compatible(run_dir: Path, cfg: TrainConfig, vocab_size: int) ->
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train one model as `cfg` says; return a summary (also printed)."""
     name = cfg.name or cfg.default_name()
+    # Workers read the data cache the driver resolved, whatever their environment.
+    cfg = dataclasses.replace(cfg, data_dir=str(data.data_root(cfg.data_dir)))
     storage = launch.storage_root(cfg.storage_path)
     run_dir = Path(storage) / name
     _, meta = prepare_data(cfg)
@@ -119,13 +115,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(metadata, indent=2, default=str))
-    common = {"run": name, "optimizer": cfg.optimizer, "learning_rate": cfg.learning_rate}
     trainer = launch.build_trainer(
         cfg,
         name=name,
         storage_path=storage,
         use_gpu=use_gpu,
-        callbacks=[RunOutputs(str(run_dir), metadata, common)],
+        callbacks=[RunOutputs(str(run_dir), metadata)],
         run_info={"trial_id": ""},
     )
     print(

@@ -7,10 +7,11 @@ no traceback was printed, and that no run folder was created or touched: the
 storage folder is snapshotted (paths, sizes, mtimes) before and after.
 
 Every subprocess pays ~3 s of imports (torch, Ray), so the cases run a few at a
-time in a thread pool, started when the first case asks for its outcome; each
-parametrized case then waits for and checks its own. Three cases resume one
-tiny real run (~20-40 s of Ray), trained once per session; two start a local
-Ray cluster to be refused by the capacity check.
+time in a thread pool, started when the first case needs it; each
+parametrized case then waits for and checks its own. Four cases resume (or
+collide with) one tiny real run (~20-40 s of Ray), trained once per module;
+two start a local Ray cluster to be refused by the capacity check. Those six
+are marked `slow`; `-m "not slow"` runs the rest in well under a minute.
 
 A damaged dataset cache is not a CLI error: `data.prepare` moves it aside and
 rebuilds it. `test_damaged_dataset_cache_is_named_and_rebuilt` checks that at
@@ -158,14 +159,6 @@ class Outcome:
 
 def run_cli(world: World, module: str, args: list[str], timeout: float) -> tuple[int, str, str]:
     """`python -m module args` in its own process group; a hang fails (and is killed)."""
-    import time; s0 = time.perf_counter()
-    try:
-        return _run_cli(world, module, args, timeout)
-    finally:
-        print(f"{s0-T0:6.1f} -> {time.perf_counter()-T0:6.1f} ({time.perf_counter()-s0:5.1f}s) {module} {' '.join(a for a in args if not a.startswith('/'))[-70:]}", file=sys.__stderr__, flush=True)
-
-import time; T0 = time.perf_counter()
-def _run_cli(world, module, args, timeout):
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
@@ -186,7 +179,7 @@ def _run_cli(world, module, args, timeout):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder` with its size and mtime (empty if it does not exist)."""
+    """Every file and folder under `folder`: size and mtime (empty if it does not exist)."""
     if not folder.exists():
         return {}
     return {
@@ -221,16 +214,10 @@ def train_args(world: World, storage: Path, *extra: str, data_file: Path | None 
     ]  # fmt: skip
 
 
-def sweep_args(world: World, storage: Path, *extra: str) -> list[str]:
-    return [
-        *TINY_MODEL,
-        "--data-file", str(world.text),
-        "--storage-path", str(storage),
-        *extra,
-    ]  # fmt: skip
-
-
 # --------------------------------------------------------------------------- cases
+
+
+FRESH, SHARED_RUN = "fresh", "shared-run"
 
 
 @dataclass(frozen=True)
@@ -240,24 +227,22 @@ class Case:
     args: Callable[[World, Path], list[str]]
     # (world, storage) -> fragments the error line must contain
     fragments: Callable[[World, Path], list[str]]
-    # (world, storage, trained run folder or None) -> prepares storage before the run
-    setup: Callable[[World, Path, Path | None], None] | None = None
-    uses_run: bool = False  # resumes/collides with the tiny real run
+    # Where --storage-path points. FRESH: a per-case folder that must never appear.
+    # SHARED_RUN: the tiny real run's storage, used in place (read-only, shared).
+    # A function(storage, trained run folder or None): fills a per-case folder first.
+    storage: str | Callable[[Path, Path | None], None] = FRESH
+    uses_run: bool = False  # needs the tiny real run (waits for it)
     starts_ray: bool = False
     marks: tuple = field(default_factory=tuple)
 
 
-def _share_run(world: World, storage: Path, run_dir: Path | None) -> None:
-    """Cases that only read the trained run use it in place (snapshot checks it)."""
-
-
-def _copy_run_and_break_checkpoint(world: World, storage: Path, run_dir: Path | None) -> None:
+def _copy_run_and_break_checkpoint(storage: Path, run_dir: Path | None) -> None:
     shutil.copytree(run_dir, storage / RUN_NAME)
     latest = checkpoint.latest_in_run(storage / RUN_NAME)
     (latest / checkpoint.STATE_FILE).write_bytes(b"\x00garbage, not a torch zip file" * 10)
 
 
-def _taken_sweep_name(world: World, storage: Path, run_dir: Path | None) -> None:
+def _taken_sweep_name(storage: Path, run_dir: Path | None) -> None:
     (storage / "taken").mkdir(parents=True)
     (storage / "taken" / "trials.parquet").write_bytes(b"a dummy sweep result")
 
@@ -324,7 +309,7 @@ CASES: dict[str, Case] = {
         "raygpt.train",
         _train("--name", RUN_NAME, "--resume", "--n-embd", "64"),
         _fixed("n_embd=32", "n_embd=64"),
-        setup=_share_run,
+        storage=SHARED_RUN,
         uses_run=True,
     ),
     "resume-other-vocab": Case(
@@ -335,7 +320,7 @@ CASES: dict[str, Case] = {
             f"{world.vocab} tokens",
             f"has {world.other_vocab}",
         ],
-        setup=_share_run,
+        storage=SHARED_RUN,
         uses_run=True,
     ),
     # 8. corrupt checkpoint (in a copy of the run)
@@ -343,7 +328,7 @@ CASES: dict[str, Case] = {
         "raygpt.train",
         _train("--name", RUN_NAME, "--resume"),
         lambda world, storage: [_latest_state(storage), "damaged"],
-        setup=_copy_run_and_break_checkpoint,
+        storage=_copy_run_and_break_checkpoint,
         uses_run=True,
     ),
     # 9. block size beyond the data, GPT-2's context, a local model's context
@@ -368,24 +353,20 @@ CASES: dict[str, Case] = {
         _train("--num-workers", str(TOO_MANY_WORKERS)),
         _fixed(f"{TOO_MANY_WORKERS} workers", "--num-workers"),
         starts_ray=True,
-        marks=(pytest.mark.slow,),
     ),
     "gpu-without-gpus": Case(
         "raygpt.train",
         _train("--use-gpu", "true"),
         _fixed("GPU", "--use-gpu"),
         starts_ray=True,
-        marks=(
-            pytest.mark.slow,
-            pytest.mark.skipif(HAS_GPU, reason="this machine has GPUs; the run would start"),
-        ),
+        marks=(pytest.mark.skipif(HAS_GPU, reason="this machine has GPUs; the run would start"),),
     ),
     # 13. an existing run name without --resume
     "run-exists": Case(
         "raygpt.train",
         _train("--name", RUN_NAME),
         _fixed(f"'{RUN_NAME}' already exists", "--resume"),
-        setup=_share_run,
+        storage=SHARED_RUN,
         uses_run=True,
     ),
     # 15. checkpoint interval not a multiple of the eval interval
@@ -397,26 +378,26 @@ CASES: dict[str, Case] = {
     # 11. sweep: resume a sweep that does not exist
     "sweep-resume-missing": Case(
         "raygpt.sweep",
-        lambda world, storage: sweep_args(world, storage, "--name", "nosuch", "--resume"),
+        lambda world, storage: train_args(world, storage, "--name", "nosuch", "--resume"),
         _fixed("'nosuch'", "cannot resume"),
     ),
     # 12. sweep: LO >= HI, unknown optimizer
     "sweep-lr-range-reversed": Case(
         "raygpt.sweep",
-        lambda world, storage: sweep_args(world, storage, "--lr-range", "adamw=1e-2:1e-4"),
+        lambda world, storage: train_args(world, storage, "--lr-range", "adamw=1e-2:1e-4"),
         _fixed("adamw=1e-2:1e-4", "LO < HI"),
     ),
     "sweep-optimizer-unknown": Case(
         "raygpt.sweep",
-        lambda world, storage: sweep_args(world, storage, "--optimizers", "adamw,lion"),
+        lambda world, storage: train_args(world, storage, "--optimizers", "adamw,lion"),
         _fixed("'lion'", "--optimizers"),
     ),
     # 13. sweep: an existing name without --resume
     "sweep-exists": Case(
         "raygpt.sweep",
-        lambda world, storage: sweep_args(world, storage, "--name", "taken"),
+        lambda world, storage: train_args(world, storage, "--name", "taken"),
         _fixed("'taken' already exists", "--resume"),
-        setup=_taken_sweep_name,
+        storage=_taken_sweep_name,
     ),
     # 14. invalid cluster YAML
     "cluster-yaml-invalid": Case(
@@ -425,6 +406,10 @@ CASES: dict[str, Case] = {
         lambda world, storage: [str(world.bad_yaml), "max_workers", "'lots'"],
     ),
 }
+
+
+def case_storage(world: World, name: str) -> Path:
+    return world.run_storage if CASES[name].storage == SHARED_RUN else world.storage(name)
 
 
 class Runner:
@@ -443,12 +428,10 @@ class Runner:
     def _run(self, name: str) -> Outcome:
         case = CASES[name]
         run_dir = self.trained.result() if case.uses_run else None
-        storage = self.world.storage(name)
-        if case.setup is _share_run:
-            storage = self.world.run_storage
-        elif case.setup is not None:
+        storage = case_storage(self.world, name)
+        if callable(case.storage):
             storage.mkdir(parents=True)
-            case.setup(self.world, storage, run_dir)
+            case.storage(storage, run_dir)
         before = snapshot(storage)
         code, out, err = run_cli(
             self.world, case.module, case.args(self.world, storage), CASE_TIMEOUT_S
@@ -473,12 +456,22 @@ def runner(request, world):
     r.close()
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, id=name, marks=case.marks) for name, case in CASES.items()]
-)
+def _params() -> list:
+    """One param per case; those that start Ray (or wait on the real run) are `slow`."""
+    return [
+        pytest.param(
+            name,
+            id=name,
+            marks=[*case.marks, *([pytest.mark.slow] if case.starts_ray or case.uses_run else [])],
+        )
+        for name, case in CASES.items()
+    ]
+
+
+@pytest.mark.parametrize("name", _params())
 def test_bad_input(name, runner, world):
     case = CASES[name]
-    storage = world.run_storage if case.setup is _share_run else world.storage(name)
+    storage = case_storage(world, name)
     outcome = runner.outcomes[name].result()
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
     shown = f"stdout:\n{outcome.stdout[-2000:]}\nstderr:\n{outcome.stderr[-4000:]}"
@@ -489,8 +482,13 @@ def test_bad_input(name, runner, world):
     for fragment in case.fragments(world, storage):
         assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
     # Nothing written before was lost or touched, and no run folder appeared.
-    assert outcome.after == outcome.before
-    if case.setup is None:
+    changed = {
+        path: (outcome.before.get(path), outcome.after.get(path))
+        for path in outcome.before.keys() | outcome.after.keys()
+        if outcome.before.get(path) != outcome.after.get(path)
+    }
+    assert not changed, f"files changed in {storage} (size, mtime before/after): {changed}"
+    if case.storage == FRESH:
         assert not storage.exists(), f"{storage} was created: {sorted(storage.rglob('*'))}"
 
 

@@ -176,7 +176,7 @@ def test_from_pretrained_wrong_shape_and_no_weights(tmp_path):
     with pytest.raises(UserError, match=r"transformer\.ln_f\.weight \(31,\) \(expected \(32,\)\)"):
         GPT.from_pretrained(tmp_path)
     path.unlink()
-    with pytest.raises(UserError, match="neither model.safetensors nor pytorch_model.bin"):
+    with pytest.raises(UserError, match=r"neither model\.safetensors nor pytorch_model\.bin"):
         GPT.from_pretrained(tmp_path)
 
 

@@ -50,7 +50,7 @@ def test_grid_sweep_asha_stops_frees_and_records_divergence(ray_cluster, storage
 
     steps = pq.read_table(sweep_dir / "steps.parquet")
     assert steps.num_rows == sum(t["steps"] for t in trials)
-    keys = list(zip(steps["trial_id"].to_pylist(), steps["step"].to_pylist()))
+    keys = list(zip(steps["trial_id"].to_pylist(), steps["step"].to_pylist(), strict=True))
     assert len(set(keys)) == len(keys)
     assert set(steps.schema.names) >= {"trial_id", "step", "train_loss", "val_loss", "lr",
                                        "grad_norm", "tokens_per_sec", "mfu"}  # fmt: skip

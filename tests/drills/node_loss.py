@@ -1,0 +1,73 @@
+"""Node-loss drill: a 2-worker-node Ray cluster on one machine loses the node that
+hosts the training worker mid-run; the run must resume on the other node.
+
+Run by tests/test_reliability.py in a subprocess (it needs its own Ray cluster):
+    python tests/drills/node_loss.py STORAGE_DIR
+Prints one JSON line: {"removed_node": ..., "summary": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from raygpt import train
+from raygpt.config import TrainConfig
+
+
+def main(storage: str) -> None:
+    # The head holds no CPU, so training workers must land on the two worker nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    cfg = TrainConfig(
+        name="node-loss",
+        storage_path=storage,
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=32,
+        batch_size=8,
+        max_steps=300,
+        eval_interval=10,
+        eval_iters=2,
+        log_interval=50,
+        warmup_steps=5,
+        max_failures=2,
+        compile="false",
+    ).validate()
+    removed: dict[str, str] = {}
+
+    def remove_training_node() -> None:
+        first_checkpoint = Path(storage) / "node-loss" / "checkpoint_0000020"
+        deadline = time.time() + 240
+        while not first_checkpoint.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        alive = list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        )
+        node_id = alive[0].node_id
+        victim = next(n for n in workers if n.node_id == node_id)
+        print(f"[drill] removing node {node_id[:12]} that hosts the worker", flush=True)
+        cluster.remove_node(victim, allow_graceful=False)
+        removed["node"] = node_id
+
+    killer = threading.Thread(target=remove_training_node, daemon=True)
+    killer.start()
+    summary = train.run(cfg)
+    killer.join(timeout=5)
+    print(json.dumps({"removed_node": removed.get("node"), "summary": summary}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,122 @@
+"""Surviving what clusters do: a killed driver, a failing trial, a lost node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+
+from raygpt import sweep
+from raygpt.loop import FAIL_AT_ENV
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+    "--batch-size", "8", "--eval-interval", "10", "--eval-iters", "2",
+    "--warmup-steps", "2", "--log-interval", "100", "--compile", "false",
+]  # fmt: skip
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    return {**os.environ, "RAYGPT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+
+
+def _trials(sweep_dir: Path) -> list[dict]:
+    try:
+        return pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    except (FileNotFoundError, OSError):
+        return []
+
+
+@pytest.mark.timeout(600)
+def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_path):
+    storage = tmp_path / "results"
+    args = [
+        sys.executable, "-m", "raygpt.sweep", *TINY, "--max-steps", "400",
+        "--optimizers", "adamw", "--search", "grid", "--grid-points", "3",
+        "--lr-range", "adamw=1e-3:4e-3", "--scheduler", "fifo",
+        "--max-concurrent-trials", "1", "--name", "killed", "--storage-path", str(storage),
+    ]  # fmt: skip
+    sweep_dir = storage / "killed"
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        args, cwd=REPO, env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    # Kill the driver once one trial is complete and the next has checkpointed.
+    deadline = time.time() + 300
+    victim = None
+    while time.time() < deadline and driver.poll() is None:
+        trials = _trials(sweep_dir)
+        done = [t for t in trials if t["status"] == "completed"]
+        running = [t for t in trials if t["status"] == "running"]
+        if done and running:
+            run_dir = sweep_dir / "runs" / running[0]["trial_id"]
+            if list(run_dir.glob("checkpoint_0000020")):
+                victim = running[0]["trial_id"]
+                break
+        time.sleep(0.2)
+    assert victim is not None, (tmp_path / "first.log").read_text()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    completed_before = {t["trial_id"] for t in _trials(sweep_dir) if t["status"] == "completed"}
+    steps_before = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    time.sleep(2)  # let Ray's reaper take the orphaned cluster down
+
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=REPO, env=_env(data_dir), capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+
+    trials = _trials(sweep_dir)
+    assert len(trials) == 3 and len({t["trial_id"] for t in trials}) == 3
+    assert all(t["status"] == "completed" and t["steps"] == 400 for t in trials), trials
+    steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    keys = [(r["trial_id"], r["step"]) for r in steps]
+    assert len(keys) == len(set(keys)) == 3 * 400
+    # Trials finished before the kill were not run again: their rows are untouched.
+    for trial_id in completed_before:
+        before = [r for r in steps_before if r["trial_id"] == trial_id]
+        after = [r for r in steps if r["trial_id"] == trial_id]
+        assert before == after
+
+
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, storage, monkeypatch):
+    # Every sgd trial raises at step 3 (a bad batch, say); adamw trials are fine.
+    monkeypatch.setitem(os.environ, FAIL_AT_ENV, "0:3:raise:sgd")
+    args = [
+        *TINY, "--max-steps", "20", "--optimizers", "adamw,sgd", "--search", "grid",
+        "--grid-points", "1", "--scheduler", "fifo", "--max-failures", "0",
+        "--max-trial-failures", "1", "--name", "errors", "--storage-path", str(storage),
+    ]  # fmt: skip
+    sweep.run(*sweep.configs_from_argv(args))
+    trials = {t["optimizer"]: t for t in _trials(storage / "errors")}
+    assert trials["adamw"]["status"] == "completed" and trials["adamw"]["steps"] == 20
+    assert trials["sgd"]["status"] == "error"
+    assert "injected fault at step 3" in trials["sgd"]["error"]
+
+
+def test_lost_node_resumes_on_the_remaining_node(data_dir, tmp_path):
+    drill = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "drills" / "node_loss.py"), str(tmp_path)],
+        cwd=REPO, env=_env(data_dir), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert drill.returncode == 0, drill.stderr[-4000:]
+    result = json.loads(drill.stdout.strip().splitlines()[-1])
+    assert result["removed_node"], drill.stdout[-2000:]
+    assert result["summary"]["step"] == 300
+    output = drill.stdout + drill.stderr
+    assert "resumed from step" in output
+    rows = pq.read_table(tmp_path / "node-loss" / "steps.parquet").to_pylist()
+    assert [r["step"] for r in rows] == list(range(1, 301))
