@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "name": f"train-vs-plain-{uuid.uuid4().hex[:8]}",
     }
     if args.data_file is not None:
-        flags["data_file"] = args.data_file
+        # Absolute: Ray Train workers run in another working directory, where a relative
+        # path (the issue's ../shared/data/...) does not exist.
+        flags["data_file"] = str(Path(args.data_file).expanduser().resolve())
     if args.max_steps is not None:
         flags["max_steps"] = args.max_steps
     try:

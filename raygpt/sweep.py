@@ -390,6 +390,9 @@ class SweepOutputs(Callback):
             return
         speeds = [r["tokens_per_sec"] for r in rows if r["tokens_per_sec"]]
         mfus = [r["mfu"] for r in rows if r["mfu"] is not None]
+        # Steps actually trained: a stopped trial's workers may finish a report or
+        # two after the decision, and that compute counts too.
+        record["steps"] = max(record["steps"] or 0, rows[-1]["step"])
         record["train_seconds"] = sum(r["step_time_ms"] or 0.0 for r in rows) / 1000
         record["tokens"] = rows[-1]["tokens_seen"]
         record["mean_tokens_per_sec"] = float(np.mean(speeds)) if speeds else None
