@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import ray
+import ray._private.state
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 from raygpt import train
 from raygpt.config import TrainConfig
@@ -53,11 +53,11 @@ def main(storage: str) -> None:
             # Old checkpoints are pruned (keep 2), so wait for any one at all.
             while not list(run_dir.glob("checkpoint_0*")) and time.time() < deadline:
                 time.sleep(0.1)
-            alive = list_actors(
-                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-            )
-            node_id = alive[0].node_id
-            victim = next(n for n in workers if n.node_id == node_id)
+            # The worker holds its node's only CPU. (Not the State API: with another
+            # Ray cluster on the machine it can query the wrong dashboard.)
+            free = ray._private.state.available_resources_per_node()
+            victim = next(n for n in workers if free[n.node_id].get("CPU", 0) == 0)
+            node_id = victim.node_id
             print(f"[drill] removing node {node_id[:12]} that hosts the worker", flush=True)
             cluster.remove_node(victim, allow_graceful=False)
             removed["node"] = node_id
