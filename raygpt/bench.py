@@ -134,13 +134,7 @@ def make_batches(
                 micro.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))
             steps.append(micro)
         return steps, vocab, f"synthetic tokens (vocab {vocab})"
-    dataset_dir = data.prepare(
-        cfg.dataset if cfg.data_file is None else None,
-        data_file=cfg.data_file,
-        tokenizer=cfg.tokenizer,
-        data_dir=cfg.data_dir,
-    )
-    meta = data.load_meta(dataset_dir)
+    dataset_dir, meta = data.prepare_from_config(cfg)
     sampler = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     world = cfg.num_workers
     steps = [

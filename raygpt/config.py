@@ -178,10 +178,13 @@ class TrainConfig:
             raise UserError(f"tokens_per_step={self.tokens_per_step} must be > 0")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise UserError(f"peak_tflops={self.peak_tflops} must be > 0")
-        if self.data_file is not None and not Path(self.data_file).expanduser().is_file():
-            raise UserError(
-                f"data file {self.data_file} does not exist; give a path to a UTF-8 text file"
-            )
+        if self.data_file is not None:
+            if not Path(self.data_file).expanduser().is_file():
+                raise UserError(
+                    f"data file {self.data_file} does not exist; give a path to a UTF-8 text file"
+                )
+            # Absolute, because Ray workers and Tune trials run in other directories.
+            self.data_file = str(Path(self.data_file).expanduser().resolve())
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; choose one")
         if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):

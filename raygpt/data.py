@@ -576,6 +576,18 @@ def _prepare_hint(dataset_dir: Path) -> str:
     return f"re-run `{cmd}` or delete {dataset_dir}"
 
 
+def prepare_from_config(cfg) -> tuple[Path, dict]:
+    """`prepare` + `load_meta` for a run config (a TrainConfig: dataset, data_file,
+    tokenizer, data_dir); a data file takes precedence over the dataset name."""
+    dataset_dir = prepare(
+        cfg.dataset if cfg.data_file is None else None,
+        data_file=cfg.data_file,
+        tokenizer=cfg.tokenizer,
+        data_dir=cfg.data_dir,
+    )
+    return dataset_dir, load_meta(dataset_dir)
+
+
 def load_meta(dataset_dir: str | Path) -> dict:
     """meta.json of a prepared dataset, checked against the token files next to it."""
     d = Path(dataset_dir)

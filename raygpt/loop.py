@@ -186,13 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else contextlib.nullcontext()
     )
 
-    dataset_dir = data.prepare(
-        cfg.dataset if cfg.data_file is None else None,
-        data_file=cfg.data_file,
-        tokenizer=cfg.tokenizer,
-        data_dir=cfg.data_dir,
-    )
-    meta = data.load_meta(dataset_dir)
+    dataset_dir, meta = data.prepare_from_config(cfg)
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     grad_accum = cfg.grad_accum_steps(world_size)

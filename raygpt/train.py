@@ -50,13 +50,7 @@ class RunOutputs(UserCallback):
 
 def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     """Prepare (or reuse) the dataset and check the block size fits it, before Ray starts."""
-    dataset_dir = data.prepare(
-        cfg.dataset if cfg.data_file is None else None,
-        data_file=cfg.data_file,
-        tokenizer=cfg.tokenizer,
-        data_dir=cfg.data_dir,
-    )
-    meta = data.load_meta(dataset_dir)
+    dataset_dir, meta = data.prepare_from_config(cfg)
     check_init_from(cfg, meta["vocab_size"])
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     train_batches.sample_indices(0, 0, 0, cfg.batch_size, cfg.num_workers, cfg.grad_accum_steps())
