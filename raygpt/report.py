@@ -39,7 +39,7 @@ DPI = 120
 
 # Statuses that may hold the best trial; diverged and error trials never do.
 CAN_WIN = ("completed", "stopped_early", "running")
-STATUS_ORDER = (*metrics.TRIAL_STATUSES,)
+STATUS_ORDER = ("completed", "stopped_early", "diverged", "error", "running")
 
 
 # --------------------------------------------------------------------------- loading
@@ -470,6 +470,13 @@ def _title(kind: str, name: str | None) -> str:
     return f"{kind} — {name}" if name else kind
 
 
+def _tick(v: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{unit}"
+    return f"{v:g}"
+
+
 def _robust_top(values: np.ndarray) -> float:
     """Upper y-limit that ignores a few absurd values (far above the bulk of the data)."""
     lo, med = float(values.min()), float(np.median(values))
@@ -495,7 +502,7 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
         if len(values):
             lo, hi = float(values.min()), _robust_top(values)
             span = max(hi - lo, 0.02 * max(abs(hi), 1.0))
-            bottom, top = lo - 0.08 * span, hi + 0.18 * span  # headroom for diverged markers
+            bottom, top = lo - 0.12 * span, hi + 0.18 * span  # headroom for diverged markers
         else:
             bottom, top = 0.0, 1.0
         ax.set_xscale("log")
@@ -503,6 +510,12 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
 
         optimizers = sorted({r["optimizer"] for r in rows})
         styles_used: set[str] = set()
+        ceiling = top - 0.06 * (top - bottom)  # where off-scale points are drawn
+
+        def shown(r: dict[str, Any]) -> float:
+            return min(r["best_val_loss"], ceiling)
+
+        diverged_at: Counter[float] = Counter()  # stack diverged markers that share an lr
         for opt in optimizers:
             color = optimizer_color(opt)
             points = sorted(
@@ -512,7 +525,7 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
             if connected:
                 ax.plot(
                     [r["learning_rate"] for r in connected],
-                    [r["best_val_loss"] for r in connected],
+                    [shown(r) for r in connected],
                     "-",
                     color=color,
                     lw=1.6,
@@ -523,11 +536,12 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
                 hollow = r["status"] != "completed"
                 marker = "D" if r["status"] == "running" else "o"
                 styles_used.add(r["status"] if r["status"] in CAN_WIN else "completed")
-                y = min(r["best_val_loss"], top - 0.06 * (top - bottom))
-                off_scale = r["best_val_loss"] > top
+                off_scale = r["best_val_loss"] > ceiling
+                if off_scale:
+                    styles_used.add("off_scale")
                 ax.plot(
                     r["learning_rate"],
-                    y,
+                    shown(r),
                     "^" if off_scale else marker,
                     ms=7,
                     mfc="white" if hollow else color,
@@ -536,9 +550,11 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
                     zorder=3,
                 )
             for r in (d for d in diverged if d["optimizer"] == opt):
+                level = diverged_at[r["learning_rate"]]
+                diverged_at[r["learning_rate"]] += 1
                 ax.plot(
                     r["learning_rate"],
-                    0.97,
+                    0.97 - 0.06 * level,
                     "x",
                     color=color,
                     ms=9,
@@ -584,6 +600,10 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
         if "running" in styles_used:
             handles.append(
                 Line2D([], [], ls="", marker="D", mfc="white", mec=gray, label="running")
+            )
+        if "off_scale" in styles_used:
+            handles.append(
+                Line2D([], [], ls="", marker="^", color=gray, label="loss above the axis")
             )
         if diverged:
             handles.append(
@@ -635,10 +655,12 @@ def plot_loss_curves(steps: pa.Table, path: str | Path, name: str | None = None)
                 zorder=2,
             )
             for series in (train, val):
-                finite = series[np.isfinite(series)]
-                everything.append(finite)
-                if len(finite):
-                    starts.append(finite[0])
+                everything.append(series[np.isfinite(series)])
+            # The first train loss is that of an untrained model; a trial's first eval may
+            # already be diverging, so it does not count.
+            first = train[np.isfinite(train)][:1]
+            if len(first):
+                starts.append(float(first[0]))
         values = np.concatenate(everything) if everything else np.array([])
         if len(values):
             lo = float(values.min())
@@ -698,7 +720,7 @@ def plot_throughput(steps: pa.Table, path: str | Path, name: str | None = None) 
                 top = min(float(values.max()), 3 * float(np.median(values)))
                 axis.set_ylim(0, max(top * 1.1, 1e-9))
         ax.set_ylabel("tokens/s (per trial)")
-        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: _human(v) if v else "0"))
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: _tick(v)))
         ax.grid(True, alpha=0.35)
         optimizers = sorted({g["optimizer"] for g in groups})
         handles = [Line2D([], [], color=optimizer_color(o), label=o) for o in optimizers]
