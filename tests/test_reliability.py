@@ -26,6 +26,9 @@ TINY = [
 ]  # fmt: skip
 
 
+KILLED_STEPS = 200  # per trial of the killed-driver sweep
+
+
 def _env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "RAYGPT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
 
@@ -41,7 +44,7 @@ def _trials(sweep_dir: Path) -> list[dict]:
 def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_path):
     storage = tmp_path / "results"
     args = [
-        sys.executable, "-m", "raygpt.sweep", *TINY, "--max-steps", "400",
+        sys.executable, "-m", "raygpt.sweep", *TINY, "--max-steps", str(KILLED_STEPS),
         "--optimizers", "adamw", "--search", "grid", "--grid-points", "3",
         "--lr-range", "adamw=1e-3:4e-3", "--scheduler", "fifo",
         "--max-concurrent-trials", "1", "--name", "killed", "--storage-path", str(storage),
@@ -81,10 +84,10 @@ def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_pa
 
     trials = _trials(sweep_dir)
     assert len(trials) == 3 and len({t["trial_id"] for t in trials}) == 3
-    assert all(t["status"] == "completed" and t["steps"] == 400 for t in trials), trials
+    assert all(t["status"] == "completed" and t["steps"] == KILLED_STEPS for t in trials), trials
     steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
     keys = [(r["trial_id"], r["step"]) for r in steps]
-    assert len(keys) == len(set(keys)) == 3 * 400
+    assert len(keys) == len(set(keys)) == 3 * KILLED_STEPS
     # Trials finished before the kill were not run again: their rows are untouched.
     for trial_id in completed_before:
         before = [r for r in steps_before if r["trial_id"] == trial_id]
@@ -115,8 +118,8 @@ def test_lost_node_resumes_on_the_remaining_node(data_dir, tmp_path):
     assert drill.returncode == 0, drill.stderr[-4000:]
     result = json.loads(drill.stdout.strip().splitlines()[-1])
     assert result["removed_node"], drill.stdout[-2000:]
-    assert result["summary"]["step"] == 300
+    assert result["summary"]["step"] == 200
     output = drill.stdout + drill.stderr
     assert "resumed from step" in output
     rows = pq.read_table(tmp_path / "node-loss" / "steps.parquet").to_pylist()
-    assert [r["step"] for r in rows] == list(range(1, 301))
+    assert [r["step"] for r in rows] == list(range(1, 201))

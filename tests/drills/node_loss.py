@@ -36,7 +36,7 @@ def main(storage: str) -> None:
         n_embd=128,
         block_size=64,
         batch_size=8,
-        max_steps=300,
+        max_steps=200,
         eval_interval=10,
         eval_iters=2,
         log_interval=50,
