@@ -116,7 +116,6 @@ TRIAL_SCHEMA = pa.schema(
         ("checkpoint_path", pa.string()),
     ]
 )
-TRIAL_STATUSES = ("running", "completed", "stopped_early", "diverged", "error")
 
 
 def environment() -> dict[str, Any]:

@@ -267,7 +267,6 @@ class SweepOutputs(Callback):
         self._tensorboard: dict[str, metrics.TensorBoardLog] = {}
         self._started: dict[str, float] = {}
         self._last_write = 0.0
-        self._sweep_started = time.time()
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in ("sweep_dir", "metadata", "max_steps")}
