@@ -163,11 +163,22 @@ def _maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> 
     os._exit(1)
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs each report, metrics included, at INFO: keep the console readable.
+
+    Some Ray Train V2 modules name their logger by file path (`getLogger(__file__)`),
+    outside the "ray.train" hierarchy, so those are found by path.
+    """
+    marker = os.sep + os.path.join("ray", "train") + os.sep
+    for name in ["ray.train", *logging.Logger.manager.loggerDict]:
+        if name.startswith("ray.train") or marker in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one GPT on this rank; called by Ray Train on every worker."""
     cfg = TrainConfig.from_dict(config["train"])
-    # Ray Train logs each report, step rows included, at INFO: keep the console readable.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_logs()
     run_info = config.get("run_info", {})  # trial id etc., stamped on every step row
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

@@ -221,7 +221,7 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         else:
             logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dimension

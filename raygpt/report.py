@@ -258,6 +258,7 @@ def summarize(
     )
     for entry in optimizers:
         entry["status_counts"] = dict(entry["status_counts"])
+        entry["best_at_edge"] = _edge(entry, rows)
     winners = [e for e in optimizers if e["best_val_loss"] is not None]
     best = None
     if winners:
@@ -277,6 +278,30 @@ def summarize(
         "best": best,
         "compute": _compute(rows, steps),
     }
+
+
+def _edge(entry: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    """ "highest" or "lowest" when the best lr is the end of the lrs tried, else None.
+
+    Then the optimum may lie outside the searched range. A larger lr that diverged
+    (or a smaller one that learned too slowly) brackets the best, so every trial that
+    ran counts; errors say nothing about the learning rate and do not. Needs 3 lrs.
+    """
+    best = entry["best_learning_rate"]
+    tried = {
+        float(r["learning_rate"])
+        for r in rows
+        if r["optimizer"] == entry["optimizer"]
+        and r["status"] != "error"
+        and _finite(r.get("learning_rate"))
+    }
+    if not _finite(best) or len(tried) < 3:
+        return None
+    if best >= max(tried):
+        return "highest"
+    if best <= min(tried):
+        return "lowest"
+    return None
 
 
 def _compute(rows: list[dict[str, Any]], steps: pa.Table | None) -> dict[str, Any]:
@@ -400,6 +425,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     else:
         lines.append("best:     none yet (no finished trial with a finite val loss)")
+    for e in summary["optimizers"]:
+        edge = e.get("best_at_edge")
+        if edge:
+            lr = e["best_learning_rate"]
+            lines.append(
+                f"range:    {e['optimizer']}'s best lr {format_lr(lr)} is the {edge} it tried; "
+                f"the optimum may lie {'above' if edge == 'highest' else 'below'}: "
+                f"try --lr-range {e['optimizer']}={lr / 10:.3g}:{lr * 10:.3g}"
+            )
 
     c = summary["compute"]
     steps = f"{c['total_steps']:,}" if c["total_steps"] is not None else "n/a"

@@ -614,6 +614,7 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     summary["sweep_dir"] = str(sweep_dir)
     summary["ray_startup_seconds"] = round(ray_ready - started, 2)
     summary["sweep_seconds"] = round(finished - ray_ready, 2)
+    summary["max_concurrent_trials"] = concurrent
     print(
         f"[sweep] wall {summary['sweep_seconds']:.0f}s after {summary['ray_startup_seconds']:.1f}s "
         f"Ray start-up; results in {sweep_dir}",

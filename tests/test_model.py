@@ -97,6 +97,16 @@ def test_ignore_index_minus_one(model):
     torch.testing.assert_close(loss, expected)
 
 
+def test_targets_may_be_a_view_of_a_token_buffer(model):
+    # nanoGPT-style batches slice x and y out of one (B, T + 1) buffer: y is not contiguous.
+    buf = torch.randint(0, 101, (2, 9))
+    x, y = buf[:, :-1], buf[:, 1:]
+    assert not y.is_contiguous()
+    _, loss = model(x, targets=y)
+    _, expected = model(x.contiguous(), targets=y.contiguous())
+    torch.testing.assert_close(loss, expected)
+
+
 def test_weight_tying(model):
     assert model.transformer.wte.weight is model.lm_head.weight
     assert model.transformer.wte.weight.data_ptr() == model.lm_head.weight.data_ptr()

@@ -165,6 +165,31 @@ def test_summary_best_lr_per_optimizer(sweep):
     assert metadata["name"] == "lr-sweep-test"
 
 
+def test_best_lr_at_the_end_of_the_tried_range_is_flagged(sweep):
+    summary = report.summarize(*report.load(sweep)[:2])
+    by_opt = {e["optimizer"]: e["best_at_edge"] for e in summary["optimizers"]}
+    # adamw's best (1e-3) has larger lrs tried; sgd's best (3e-2) has larger ones that
+    # diverged (they bracket it); momentum's best (3e-3) is the smallest it tried.
+    assert by_opt == {"adamw": None, "sgd": None, "momentum": "lowest"}
+    lines = report.format_summary(summary).splitlines()
+    flagged = [ln for ln in lines if ln.startswith("range:")]
+    assert flagged == [
+        "range:    momentum's best lr 0.003 is the lowest it tried; the optimum may lie "
+        "below: try --lr-range momentum=0.0003:0.03"
+    ]
+
+
+def test_best_lr_at_the_top_is_flagged_unless_a_larger_one_diverged(tmp_path):
+    top = [t for t in TRIALS if t[1] == "adamw" and t[3] != "diverged"]
+    top.append(("t20", "adamw", 1e-2, "completed", 1.30, 60, None, True))
+    summary = report.summarize(*report.load(_write_sweep(tmp_path / "a", specs=top))[:2])
+    assert summary["optimizers"][0]["best_at_edge"] == "highest"
+    assert "the optimum may lie above" in report.format_summary(summary)
+    bracketed = [*top, ("t21", "adamw", 3e-2, "diverged", math.nan, 5, None, True)]
+    summary = report.summarize(*report.load(_write_sweep(tmp_path / "b", specs=bracketed))[:2])
+    assert summary["optimizers"][0]["best_at_edge"] is None
+
+
 def test_summary_status_counts_and_compute(sweep):
     trials, steps, _ = report.load(sweep)
     summary = report.summarize(trials, steps)
