@@ -281,9 +281,9 @@ def summarize(
 
 
 def _edge(entry: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
-    """ "highest" or "lowest" when the best lr is the end of the lrs tried, else None.
+    """Which end of the tried learning rates the best one is ("highest", "lowest") or None.
 
-    Then the optimum may lie outside the searched range. A larger lr that diverged
+    At an end, the optimum may lie outside the searched range. A larger lr that diverged
     (or a smaller one that learned too slowly) brackets the best, so every trial that
     ran counts; errors say nothing about the learning rate and do not. Needs 3 lrs.
     """
