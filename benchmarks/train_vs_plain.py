@@ -51,9 +51,7 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
     from raygpt.optim import build_optimizer, lr_at, set_lr
 
     torch.set_num_threads(threads)
-    prepare_kwargs = dict(data_file=cfg.data_file, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir)
-    dataset = cfg.dataset if cfg.data_file is None else None
-    data.prepare(dataset, **prepare_kwargs)  # cached before the clock starts, as train.run does
+    data.prepare_from_config(cfg)  # cached before the clock starts, as train.run does
     started = time.perf_counter()
     device = torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -63,8 +61,7 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
         if dtype != torch.float32
         else contextlib.nullcontext()
     )
-    dataset_dir = data.prepare(dataset, **prepare_kwargs)
-    meta = data.load_meta(dataset_dir)
+    dataset_dir, meta = data.prepare_from_config(cfg)  # as the loop does
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     accum = cfg.grad_accum_steps(1)

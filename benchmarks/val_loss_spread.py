@@ -64,11 +64,7 @@ def train_once(cfg, sampler: str, threads: int) -> dict:
     from raygpt.optim import build_optimizer, lr_at, set_lr
 
     torch.set_num_threads(threads)
-    dataset = cfg.dataset if cfg.data_file is None else None
-    dataset_dir = data.prepare(
-        dataset, data_file=cfg.data_file, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir
-    )
-    meta = data.load_meta(dataset_dir)
+    dataset_dir, meta = data.prepare_from_config(cfg)
     torch.manual_seed(cfg.seed)
     model = loop.build_model(cfg, meta["vocab_size"])
     optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, "cpu")

@@ -283,10 +283,8 @@ class SweepOutputs(Callback):
         self._steps = {}
         self._tails = {}
         for trial_dir in sorted((root / "runs").glob("*")):
-            self._steps[trial_dir.name] = metrics.StepLog(metadata=self.metadata)
-            self._tails[trial_dir.name] = metrics.RowTail(metrics.rows_path(trial_dir))
             # Rows already in the merged file are not sent to TensorBoard again.
-            self._steps[trial_dir.name].add(self._tails[trial_dir.name].read_new())
+            self._read_new_rows(trial_dir.name)
         trials_path = root / "trials.parquet"
         if trials_path.exists():
             import pyarrow.parquet as pq
@@ -294,13 +292,18 @@ class SweepOutputs(Callback):
             for row in pq.read_table(trials_path).to_pylist():
                 self._trials[row["trial_id"]] = row
 
-    def _ingest(self, trial_id: str) -> None:
-        """Read a trial's new rows from its steps.jsonl; put the new steps in TensorBoard."""
+    def _read_new_rows(self, trial_id: str) -> list[dict[str, Any]]:
+        """Add a trial's rows appended to its steps.jsonl since the last read; return the
+        steps new to this sweep."""
         if trial_id not in self._steps:
             self._steps[trial_id] = metrics.StepLog(metadata=self.metadata)
             run_dir = Path(self.sweep_dir) / "runs" / trial_id
             self._tails[trial_id] = metrics.RowTail(metrics.rows_path(run_dir))
-        fresh = self._steps[trial_id].add(self._tails[trial_id].read_new())
+        return self._steps[trial_id].add(self._tails[trial_id].read_new())
+
+    def _ingest(self, trial_id: str) -> None:
+        """Read a trial's new rows from its steps.jsonl; put the new steps in TensorBoard."""
+        fresh = self._read_new_rows(trial_id)
         if fresh:
             if trial_id not in self._tensorboard:
                 tb_dir = Path(self.sweep_dir) / "tensorboard" / trial_id
