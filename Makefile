@@ -26,7 +26,7 @@ train: setup
 	$(BIN)/python -m raygpt.train experiments/pydocs_char_cpu.toml --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check raygpt tests benchmarks

@@ -165,7 +165,11 @@ def variants_for(cfg: TrainConfig, device: torch.device, compare: bool) -> list[
         name = _dtype_name(dtype) + (" autocast" if dtype != torch.float32 else "")
         return [Variant(name + (" + compile" if compiled else " eager"), dtype, compiled)]
     if device.type == "cuda":
-        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        half = (
+            torch.bfloat16
+            if torch.cuda.is_bf16_supported(including_emulation=False)
+            else torch.float16
+        )
         half_name = _dtype_name(half)
         return [
             Variant("fp32 (tf32 matmul)", torch.float32, False),

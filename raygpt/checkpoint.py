@@ -2,12 +2,15 @@
 
 A checkpoint is a directory with one `state.pt`: model, optimizer and scaler
 state, the step, RNG states, the run config and the data's vocabulary. It is
-written to a temporary name and renamed (a crash never leaves half a file) and
-read with `torch.load(weights_only=True)`, which unpickles no code.
+written to a temporary name and renamed (a crash never leaves half a file), handed
+to Ray Train, which copies it to the run folder on the storage (local, NFS or an
+object store), and read back with `torch.load(weights_only=True)`, which unpickles
+no code.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -16,9 +19,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from raygpt.errors import UserError
+from raygpt.storage import Storage
 
 STATE_FILE = "state.pt"
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -42,24 +47,45 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     return directory / STATE_FILE
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint directory (or a state.pt path); a damaged file is one clear line."""
-    path = Path(directory)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; give a checkpoint folder or a run folder")
+def load(
+    location: str | Path, storage: Storage | None = None, map_location: str = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint folder (or its state.pt) on `storage` (default: the local disk).
+
+    Tensors land on the CPU whatever device saved them: the caller moves the
+    model and optimizer state where they belong, and RNG states must stay on
+    the CPU (torch.set_rng_state takes only CPU byte tensors). A damaged file
+    is one clear line.
+    """
+    storage = storage if storage is not None else _local(location)
+    path = str(location)
+    if not path.endswith(STATE_FILE):
+        path = f"{path.rstrip('/')}/{STATE_FILE}"
+    if not storage.exists(path):
+        raise UserError(
+            f"no checkpoint at {storage.display(path)}; give a checkpoint folder or a run folder"
+        )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if storage.is_local:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        else:
+            buffer = io.BytesIO(storage.read_bytes(path))
+            state = torch.load(buffer, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"checkpoint {path} is damaged or not a raygpt checkpoint ({first_line[:120]}); "
-            "delete it to fall back to an earlier one"
+            f"checkpoint {storage.display(path)} is damaged or not a raygpt checkpoint "
+            f"({first_line[:120]}); delete it to fall back to an earlier one"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"checkpoint {path} is not a raygpt checkpoint (no model/config)")
+        raise UserError(
+            f"checkpoint {storage.display(path)} is not a raygpt checkpoint (no model/config)"
+        )
     return state
+
+
+def _local(location: str | Path) -> Storage:
+    return Storage(uri=str(location), fs=pafs.LocalFileSystem(), root=str(location))
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], vocab_size: int) -> None:
@@ -82,32 +108,49 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], vocab_size: 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
 
 
-def checkpoints_in_run(run_dir: str | Path) -> list[Path]:
-    """A run folder's checkpoint directories that hold a state file, newest step first."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(run_dir).glob("checkpoint_*")
-        if (m := _CHECKPOINT_RE.search(p.name)) and (p / STATE_FILE).is_file()
-    ]
+def checkpoints_in_run(run: str | Path, storage: Storage | None = None) -> list[str]:
+    """A run folder's checkpoint folders that hold a state file, newest step first.
+
+    One recursive listing: on object storage each listing is a request.
+    """
+    storage = storage if storage is not None else _local(run)
+    selector = pafs.FileSelector(str(run), recursive=True, allow_not_found=True)
+    found = []
+    for info in storage.fs.get_file_info(selector):
+        if info.base_name != STATE_FILE or info.type != pafs.FileType.File:
+            continue
+        folder = info.path[: -len(STATE_FILE) - 1]
+        if m := _CHECKPOINT_RE.search(folder.rsplit("/", 1)[-1]):
+            found.append((int(m.group(1)), folder))
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_in_run(run_dir: str | Path) -> Path | None:
-    """Newest checkpoint directory (highest step) of a run folder, or None."""
-    found = checkpoints_in_run(run_dir)
+def latest_in_run(run: str | Path, storage: Storage | None = None) -> str | None:
+    """Newest checkpoint folder (highest step) of a run folder, or None."""
+    found = checkpoints_in_run(run, storage)
     return found[0] if found else None
 
 
-def resolve(path_or_run: str | Path, storage_path: str | Path = "~/ray_results") -> Path:
-    """A checkpoint folder from a checkpoint folder, a state.pt, a run folder or a run name."""
-    candidates = [Path(path_or_run).expanduser()]
-    candidates.append(Path(storage_path).expanduser() / str(path_or_run))
-    for candidate in candidates:
-        if (candidate / STATE_FILE).is_file() or candidate.name == STATE_FILE:
-            return candidate
-        if candidate.is_dir() and (latest := latest_in_run(candidate)) is not None:
-            return latest
+def resolve(path_or_run: str, storage_path: str = "~/ray_results") -> tuple[Storage, str]:
+    """(storage, checkpoint folder) from a checkpoint folder, a state.pt, a run folder or a
+    run name under storage_path; local paths and s3:// or gs:// URIs alike."""
+    from raygpt import storage as storage_mod
+
+    tried = []
+    candidates = [storage_mod.resolve(str(path_or_run), check=False)]
+    if "://" not in str(path_or_run):
+        under = storage_mod.resolve(str(storage_path), check=False)
+        candidates.append(under.at(under.path(str(path_or_run))))
+    for store in candidates:
+        tried.append(store.display())
+        root = store.root
+        if root.endswith(STATE_FILE) and store.exists(root):
+            return store, root[: -len(STATE_FILE) - 1]
+        if store.exists(f"{root}/{STATE_FILE}"):
+            return store, root
+        if store.is_dir(root) and (latest := latest_in_run(root, store)) is not None:
+            return store, latest
     raise UserError(
-        f"no checkpoint found for {path_or_run!r} (looked in {candidates[0]} and {candidates[1]}); "
+        f"no checkpoint found for {path_or_run!r} (looked in {' and '.join(tried)}); "
         "give a checkpoint folder, a run folder or a run name under --storage-path"
     )

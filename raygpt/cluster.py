@@ -10,12 +10,16 @@ it talks to the cloud, and nothing else:
 * `validate_config` checks the result against Ray's JSON schema
   (`ray/autoscaler/ray-schema.json`) and the cross-field rules (head_node_type
   must be a node type, min_workers must fit under max_workers).
+* For EC2 `NetworkInterfaces` (the EFA interfaces of GPU nodes), the rules that
+  `bootstrap_config` applies before its first AWS call, plus EC2's one interface
+  per network card and device index; a warning when several interfaces (hence
+  no public IP) meet a provider without `use_internal_ips`.
 
-Neither imports a cloud SDK, opens a socket or reads credentials. What `ray up`
+None of this imports a cloud SDK, opens a socket or reads credentials. What `ray up`
 does next is left out on purpose because it does: asking EC2 for instance
 resources (`fillout_available_node_types_resources`) and creating or looking up
 key pairs, IAM roles, subnets and security groups (`bootstrap_config`). So a
-wrong AMI ID, region or instance type passes here and fails at `ray up`.
+wrong AMI ID, subnet, region or instance type passes here and fails at `ray up`.
 
 `ray.autoscaler._private.util` is private API; pyproject pins Ray to 2.60.x.
 """
@@ -84,6 +88,7 @@ def validate(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{name}: {_describe(err)}") from None
 
     _check_dashboard_host(name, raw, prepared)
+    _check_network_interfaces(name, prepared)
     return prepared
 
 
@@ -210,6 +215,60 @@ def _check_dashboard_host(name: str, raw: dict[str, Any], prepared: dict[str, An
                 f"`ray dashboard {name}`",
             )
             break
+
+
+def _check_network_interfaces(name: str, prepared: dict[str, Any]) -> None:
+    """EC2 `NetworkInterfaces` in a node config, as `ray up` and EC2 will judge them.
+
+    Ray's AWS bootstrap (`_configure_subnets_and_groups_from_network_interfaces`)
+    takes subnets and security groups from the interfaces only: every interface
+    needs SubnetId and Groups, and the node config may not also give SubnetId(s) or
+    SecurityGroupIds. EC2 refuses two interfaces on one network card and device
+    index. And an instance launched with several interfaces gets no public IPv4
+    address, so its subnet must be private (with a NAT gateway for setup's
+    downloads), which Ray accepts only with provider.use_internal_ips.
+    """
+    provider = prepared.get("provider") or {}
+    if provider.get("type") != "aws":
+        return
+    for key, node_type in (prepared.get("available_node_types") or {}).items():
+        node_config = node_type.get("node_config") or {}
+        if "NetworkInterfaces" not in node_config:
+            continue
+        where = f"available_node_types.{key}.node_config"
+        interfaces = node_config["NetworkInterfaces"]
+        if not isinstance(interfaces, list) or not all(isinstance(i, dict) for i in interfaces):
+            raise UserError(f"{name}: {where}.NetworkInterfaces: expected a list of mappings")
+        clash = [k for k in ("SubnetId", "SubnetIds", "SecurityGroupIds") if k in node_config]
+        if clash:
+            raise UserError(
+                f"{name}: {where}: {' and '.join(clash)} beside NetworkInterfaces; `ray up` "
+                "takes subnets and security groups only from each interface (SubnetId, Groups)"
+            )
+        taken: dict[tuple[Any, Any], int] = {}
+        for i, interface in enumerate(interfaces):
+            missing = [k for k in ("SubnetId", "Groups") if not interface.get(k)]
+            if missing:
+                raise UserError(
+                    f"{name}: {where}.NetworkInterfaces[{i}]: no {' or '.join(missing)}; "
+                    "`ray up` needs SubnetId and Groups on every interface"
+                )
+            slot = (interface.get("NetworkCardIndex", 0), interface.get("DeviceIndex"))
+            if slot in taken:
+                raise UserError(
+                    f"{name}: {where}.NetworkInterfaces[{i}]: NetworkCardIndex {slot[0]}, "
+                    f"DeviceIndex {slot[1]} is already NetworkInterfaces[{taken[slot]}]'s; "
+                    "EC2 takes one interface per network card and device index"
+                )
+            taken[slot] = i
+        if len(interfaces) > 1 and not provider.get("use_internal_ips"):
+            _warn(
+                name,
+                f"{where} has {len(interfaces)} network interfaces, and EC2 gives such an "
+                "instance no public IP: put them on a private subnet with a NAT gateway and "
+                "set provider.use_internal_ips: true (and use_external_head_ip: true to "
+                "keep ssh to the head's public IP)",
+            )
 
 
 def _warn(name: str, message: str) -> None:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import re
 import tomllib
 import types
@@ -27,6 +28,15 @@ from raygpt.errors import UserError
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adagrad")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRI_STATE = ("auto", "true", "false")
+UPLOAD_MODES = ("async", "sync")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+STORAGE_ENV = "RAYGPT_STORAGE_PATH"
+
+
+def default_storage_path() -> str:
+    """$RAYGPT_STORAGE_PATH (the one place a cluster names its shared storage), else
+    ~/ray_results."""
+    return os.environ.get(STORAGE_ENV) or "~/ray_results"
 
 
 @dataclass
@@ -35,11 +45,19 @@ class TrainConfig:
 
     # --- run: where results go and how many workers run it
     name: str | None = None  # run folder under storage_path; default derived from the config
-    storage_path: str = "~/ray_results"
+    # A local path, an NFS mount, or s3://BUCKET/PATH / gs://BUCKET/PATH (an S3-compatible
+    # server: s3://BUCKET/PATH?endpoint_override=HOST:PORT). Default: $RAYGPT_STORAGE_PATH,
+    # which the cluster files set, else ~/ray_results.
+    storage_path: str = dataclasses.field(default_factory=lambda: default_storage_path())
     num_workers: int = 1  # DDP ranks, one Ray Train worker each
     cpus_per_worker: float = 1.0
     use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
-    address: str | None = None  # join a running cluster ("auto" or host:port)
+    placement_strategy: str = (
+        "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers on nodes)
+    )
+    # Default: the running cluster (RAY_ADDRESS, or the one `ray start` runs here), else a
+    # private one; "local" always starts a private one; or "host:port" / "auto".
+    address: str | None = None
     resume: bool = False  # continue the named run from its latest checkpoint
     overwrite: bool = False  # replace an existing run of the same name
     max_failures: int = 1  # worker-group restarts from the latest checkpoint
@@ -82,7 +100,8 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
-    checkpoint_interval: int | None = None  # default: eval_interval
+    checkpoint_interval: int | None = None  # steps between checkpoints; default: eval_interval
+    checkpoint_upload: str = "async"  # async: ranks go on training while Ray uploads; or sync
     keep_checkpoints: int = 2
     divergence_factor: float = 3.0  # stop when loss > factor x first loss (0 disables)
 
@@ -164,13 +183,17 @@ class TrainConfig:
         for key in ("use_gpu", "compile"):
             if getattr(self, key) not in TRI_STATE:
                 raise UserError(f"{key}={getattr(self, key)!r} must be auto, true or false")
-        if self.checkpoint_interval is not None and (
-            self.checkpoint_interval <= 0 or self.checkpoint_interval % self.eval_interval
-        ):
-            # Checkpoints ride on reports, and reports happen at evaluations.
+        if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
+            raise UserError(f"checkpoint_interval={self.checkpoint_interval} must be > 0")
+        if self.checkpoint_upload not in UPLOAD_MODES:
             raise UserError(
-                f"checkpoint_interval={self.checkpoint_interval} must be a positive multiple "
-                f"of eval_interval={self.eval_interval}"
+                f"checkpoint_upload={self.checkpoint_upload!r} must be one of "
+                f"{', '.join(UPLOAD_MODES)}"
+            )
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise UserError(
+                f"placement_strategy={self.placement_strategy!r} must be one of "
+                f"{', '.join(PLACEMENT_STRATEGIES)}"
             )
         if self.lr_decay_steps is not None and self.lr_decay_steps <= 0:
             raise UserError(f"lr_decay_steps={self.lr_decay_steps} must be > 0")
@@ -353,6 +376,8 @@ def add_dataclass_flags(
         if f.name in exclude:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         # A bare boolean flag (--resume) means true; --resume false is also accepted.
         is_bool = _unwrap_optional(types_by_name[f.name])[0] is bool
         group.add_argument(

@@ -1,8 +1,9 @@
 """Ray plumbing shared by `raygpt.train` and `raygpt.sweep`.
 
-Connecting to (or starting) a cluster, checking up front that a request fits
-it, guarding run folders against being clobbered, and building the
-`TorchTrainer` that runs `loop.train_loop_per_worker`.
+Connecting to (or starting) a cluster, the checks that run before Ray starts
+(data, pretrained fit, resume compatibility, run folders), checking up front
+that a request fits the cluster, and building the `TorchTrainer` that runs
+`loop.train_loop_per_worker`.
 
 Why the up-front fit check: Ray Train retries a worker group that cannot be
 placed forever, so an impossible `--num-workers` would hang instead of failing.
@@ -14,44 +15,96 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from raygpt import checkpoint, data, model
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
+from raygpt.storage import Storage
 
 DASHBOARD_HOST_ENV = "RAYGPT_DASHBOARD_HOST"
 CONTROLLER_POLL_S = "0.25"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def connect(address: str | None) -> None:
-    """Join `address`, or start a private local cluster sized to this machine.
+def connect(address: str | None) -> str:
+    """Join a Ray cluster the way `ray.init()` does, or start a private one; say which.
 
-    One logical CPU per core: Train controllers and sweep trial actors reserve
-    no CPU, so the cores go to training workers, and more concurrent workers
-    than cores would only slow every trial down.
+    `address` None: RAY_ADDRESS (set inside `ray job submit` jobs), else the
+    cluster that `ray start`/`ray up` started on this machine, else a private
+    local cluster. "local": always a private one (the tests use it). Anything
+    else ("auto", "host:port", "ray://..."): join it or fail in one line.
+    Returns the line printed, which names the cluster and its size.
     """
     if ray.is_initialized():
-        return
+        return describe_cluster("connected to")
     # Tune's built-in CSV/JSON/TBX loggers would copy every step row into each
     # trial folder; raygpt writes Parquet and TensorBoard itself.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if address:
+    target, source = _find_cluster(address)
+    if target is None:
+        _start_private()
+        line = describe_cluster("started a private Ray cluster on this machine:")
+    else:
         try:
             with _startup_logs_on_stdout():
-                ray.init(address=address, log_to_driver=True)
+                # A cluster found on this machine is joined the way `ray.init()` joins it,
+                # which also picks up the token of a cluster with token authentication.
+                found_here = source == _FOUND_HERE
+                ray.init(address=None if found_here else target, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(
-                f"cannot connect to the Ray cluster at {address!r} ({str(err).splitlines()[0]}); "
-                "start it with `ray start --head` or `ray up`, or leave out --address"
-            ) from None
-        return
+            raise UserError(_join_error(target, source, err)) from None
+        line = describe_cluster(f"joined the Ray cluster at {target} ({source}):")
+    print(f"[raygpt] {line}", flush=True)
+    return line
+
+
+_FOUND_HERE = "the cluster `ray start` runs on this machine"
+
+
+def _join_error(target: str, source: str, err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if "AuthToken" in text or "Authentication" in type(err).__name__ + text:
+        return (
+            f"the Ray cluster at {target!r} ({source}) refused this process: it uses token "
+            "authentication; set RAY_AUTH_MODE=token with the cluster's token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN (or leave out --address on the head node)"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"cannot connect to the Ray cluster at {target!r} from {source} ({first}); start it "
+        "with `ray start --head` or `ray up`, or pass --address local for a private one"
+    )
+
+
+def _find_cluster(address: str | None) -> tuple[str | None, str]:
+    """(address to join or None for a private cluster, where the address came from)."""
+    if address == "local":
+        return None, "--address local"
+    if address:
+        return address, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        value = os.environ["RAY_ADDRESS"]
+        return (None, "RAY_ADDRESS=local") if value == "local" else (value, "RAY_ADDRESS")
+    from ray._private import services
+
+    # The address of the last `ray start` on this machine, if its processes still run:
+    # a stale record (a cluster that died without `ray stop`) must not block a laptop run.
+    recorded = services.find_bootstrap_address(None)
+    if recorded and recorded in services.find_gcs_addresses():
+        return recorded, _FOUND_HERE
+    return None, "no running cluster"
+
+
+def _start_private() -> None:
+    """One logical CPU per core: Train controllers and sweep trial actors reserve
+    no CPU, so the cores go to training workers, and more concurrent workers
+    than cores would only slow every trial down."""
     with _startup_logs_on_stdout():
         ray.init(
             address="local",
@@ -60,6 +113,13 @@ def connect(address: str | None) -> None:
             dashboard_host=os.environ.get(DASHBOARD_HOST_ENV, "127.0.0.1"),
             log_to_driver=True,
         )
+
+
+def describe_cluster(prefix: str) -> str:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    return f"{prefix} {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU"
 
 
 class _StdoutLines(logging.Handler):
@@ -133,40 +193,90 @@ def check_fits(
     )
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, kind: str = "run") -> bool:
+def check_run_dir(
+    storage: Storage, run_path: str, resume: bool, overwrite: bool, kind: str = "run"
+) -> bool:
     """Refuse to clobber an existing run, or to resume one that does not exist.
 
     Returns whether the folder exists with content. Writes nothing.
     """
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = bool(storage.list_dir(run_path))
+    name = run_path.rstrip("/").rsplit("/", 1)[-1]
+    where = storage.display()
     if resume and not exists:
         raise UserError(
-            f"cannot resume: no {kind} named {run_dir.name!r} in {run_dir.parent}; "
-            "check --name and --storage-path"
+            f"cannot resume: no {kind} named {name!r} in {where}; check --name and --storage-path"
         )
     if exists and not resume and not overwrite:
         raise UserError(
-            f"a {kind} named {run_dir.name!r} already exists in {run_dir.parent}; "
+            f"a {kind} named {name!r} already exists in {where}; "
             "pass --resume to continue it, --overwrite to replace it, or a new --name"
         )
     return exists
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, kind: str = "run") -> None:
+def prepare_run_dir(
+    storage: Storage, run_path: str, resume: bool, overwrite: bool, kind: str = "run"
+) -> None:
     """check_run_dir, then remove the old folder when --overwrite asked for it."""
-    if check_run_dir(run_dir, resume, overwrite, kind) and overwrite:
-        shutil.rmtree(run_dir)
+    if check_run_dir(storage, run_path, resume, overwrite, kind) and overwrite:
+        storage.delete_dir(run_path)
+
+
+# --------------------------------------------------------------------------- pre-Ray checks
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """Prepare (or reuse) the dataset and check the block size fits it, before Ray starts."""
+    dataset_dir, meta = data.prepare_from_config(cfg)
+    check_init_from(cfg, meta["vocab_size"])
+    train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
+    train_batches.sample_indices(0, 0, 0, cfg.batch_size, cfg.num_workers, cfg.grad_accum_steps())
+    data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)  # raises if val is too short
+    return dataset_dir, meta
+
+
+def check_init_from(cfg: TrainConfig, vocab_size: int) -> None:
+    """Pretrained weights must cover the block size and the vocabulary: say so before Ray
+    starts, not from inside a worker after the weights loaded (loop.build_model checks again)."""
+    if cfg.init_from == "scratch" or (shape := model.pretrained_shape(cfg.init_from)) is None:
+        return
+    if vocab_size > shape["vocab_size"]:
+        raise UserError(
+            f"data vocabulary ({vocab_size} tokens) is larger than {cfg.init_from}'s "
+            f"({shape['vocab_size']}); use --tokenizer gpt2 with pretrained weights"
+        )
+    if cfg.block_size > shape["n_positions"]:
+        raise UserError(
+            f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of "
+            f"{shape['n_positions']}; use a block_size <= {shape['n_positions']}"
+        )
+
+
+def check_resume_compatible(
+    storage: Storage, run_path: str, cfg: TrainConfig, vocab_size: int
+) -> str | None:
+    latest = checkpoint.latest_in_run(run_path, storage)
+    if latest is not None:
+        checkpoint.check_compatible(checkpoint.load(latest, storage), cfg.to_dict(), vocab_size)
+    return latest
+
+
+# --------------------------------------------------------------------------- the trainer
 
 
 def build_trainer(
     cfg: TrainConfig,
     name: str,
-    storage_path: str,
+    storage: Storage,
     use_gpu: bool,
     callbacks: Sequence[Any] = (),
     run_info: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
 ):
-    """A TorchTrainer running the single training loop with `cfg`."""
+    """A TorchTrainer running the single training loop with `cfg`, its run folder
+    `<storage>/<name>`. `outputs` says where the loop writes what Ray does not
+    (TensorBoard); `run_info` is stamped on every step row."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -181,13 +291,22 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "run_info": run_info or {}},
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "run_info": run_info or {},
+            "outputs": {"storage": storage, **(outputs or {})},
+        },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            # With a filesystem given, Ray takes the path inside it (no scheme).
+            storage_path=storage.root,
+            storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks),
@@ -232,18 +351,3 @@ def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) ->
     if marker in text:
         return UserError(text.split(marker, 1)[1].splitlines()[0])
     return None
-
-
-def storage_root(storage_path: str) -> str:
-    """Absolute local storage path.
-
-    Multi-node runs need every node to see it: mount shared storage (NFS, EFS,
-    Lustre) at the same path everywhere. Object-store URIs are refused because
-    raygpt writes its Parquet and TensorBoard files with local file I/O.
-    """
-    if "://" in storage_path:
-        raise UserError(
-            f"--storage-path {storage_path} is a URI; raygpt needs a filesystem path that every "
-            "node mounts (NFS/EFS), e.g. --storage-path /mnt/shared/ray_results"
-        )
-    return str(Path(storage_path).expanduser().resolve())

@@ -6,9 +6,14 @@ about Ray beyond the context (rank, world size, device) and `ray.train.report`.
 
 Step numbering: `step` counts completed optimizer updates, so "step 2000" is
 the model after 2000 updates, like nanoGPT's `iter_num` at its final eval.
-Reports (and checkpoints) happen only at evaluation steps and the last step,
-so every Tune result carries a fresh `val_loss` and ASHA's rungs, which are
-multiples of `eval_interval`, line up with evaluations.
+Reports happen at evaluation steps, checkpoint steps and the last step. ASHA's
+rungs are multiples of `eval_interval`, so the report that reaches a rung is
+always one with a fresh `val_loss`; a checkpoint-only report repeats the last
+one (`evaluated` false).
+
+Before each report rank 0 writes the steps since the previous report as one
+Parquet part and one TensorBoard event file (results.py), so every checkpoint
+step is a part boundary and a run resumed from it rewrites the same parts.
 """
 
 from __future__ import annotations
@@ -17,11 +22,9 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -30,11 +33,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from raygpt import checkpoint, data, metrics
+from raygpt import checkpoint, data, metrics, results, status
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
 from raygpt.model import GPT, GPTConfig
 from raygpt.optim import build_optimizer, lr_at, set_lr
+from raygpt.storage import Storage
 
 # Fault injection for the reliability tests and for drills on a real cluster:
 # RAYGPT_FAIL_AT="RANK:STEP[:MODE[:OPTIMIZER]]" makes that rank fail after STEP
@@ -51,7 +55,9 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (V100, T4) is slower than fp16 with a GradScaler: count only native.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.float32
 
 
@@ -114,45 +120,41 @@ def evaluate(model, batches_by_split, autocast, device, world_size) -> dict[str,
     return dict(zip(batches_by_split, _all_reduce_mean(means, device, world_size), strict=True))
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one rank's step: ranks draw different dropout masks, and a run
+    resumed at any step draws what the uninterrupted run drew, with no RNG state saved."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _newest_state(context, device: torch.device) -> dict[str, Any] | None:
-    """The newest loadable checkpoint of this run, or None for a fresh start.
+def _newest_state(run: Storage, run_path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest loadable checkpoint of this run (state on the CPU, and its folder), or None.
 
     Ray hands back the latest checkpoint its controller registered, but a rank
     that dies right after a report can beat the controller's next poll, leaving
-    a newer checkpoint on disk that Ray never registered. Checkpoint folders
-    are named by step, so the newest on disk wins; one damaged by a crash
-    mid-copy is skipped in favour of the one before it.
+    a newer checkpoint on storage that Ray never registered. Checkpoint folders
+    are named by step, so the newest on storage wins; one damaged by a crash
+    mid-upload is skipped in favour of the one before it.
     """
-    candidates = checkpoint.checkpoints_in_run(context.get_storage().experiment_fs_path)
+    candidates = checkpoint.checkpoints_in_run(run_path, run)
     registered = ray.train.get_checkpoint()
-    if registered is not None and Path(registered.path) not in candidates:
-        candidates.append(Path(registered.path))
+    if registered is not None and registered.path not in candidates:
+        candidates.append(registered.path)
     for path in candidates:
         try:
-            return checkpoint.load(path, map_location=device)
+            return checkpoint.load(path, run), path
         except UserError as err:
             print(f"[raygpt] skipping checkpoint {path}: {err}", flush=True)
-    return None
+    return None, None
 
 
 def _maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> None:
     spec = os.environ.get(FAIL_AT_ENV)
     if not spec or resumed:
         return
-    fail_rank, fail_step, mode, only_optimizer = [*spec.split(":"), "exit", ""][:4]
+    parts = spec.split(":")
+    fail_rank, fail_step = parts[0], parts[1]
+    mode = parts[2] if len(parts) > 2 else "exit"
+    only_optimizer = parts[3] if len(parts) > 3 else ""
     if rank != int(fail_rank) or step != int(fail_step):
         return
     if only_optimizer and only_optimizer != optimizer:
@@ -180,13 +182,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     _quiet_ray_train_logs()
     run_info = config.get("run_info", {})  # trial id etc., stamped on every step row
+    outputs = config["outputs"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     is_main = rank == 0
+    # The run folder, on whatever storage the driver resolved (local, NFS, s3://).
+    run: Storage = outputs["storage"]
+    run_path = context.get_storage().experiment_fs_path
+    tensorboard_path = outputs.get("tensorboard_path") or f"{run_path}/{results.TENSORBOARD_DIR}"
 
     torch.manual_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
-    random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -211,18 +217,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, first_loss, best_val = 0, None, math.inf
-    state = _newest_state(context, device)
+    last_val: float | None = None
+    state, state_path = _newest_state(run, run_path)
     resumed = state is not None
     if state is not None:
         checkpoint.check_compatible(state, cfg.to_dict(), meta["vocab_size"])
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moves its state to the params' device
         scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
         start_step = state["step"]
         first_loss, best_val = state["first_loss"], state["best_val_loss"]
+        last_val = state.get("last_val_loss")
+        del state  # the CPU copy is not needed once loaded
         if is_main:
-            print(f"[raygpt] resumed from step {start_step}", flush=True)
+            # Parts past the checkpoint belong to the interrupted attempt; they are rewritten.
+            results.drop_parts_after(run, run_path, start_step)
+            results.drop_tensorboard_after(run, tensorboard_path, start_step)
+            print(
+                f"[raygpt] resumed from step {start_step} ({run.display(state_path)})", flush=True
+            )
 
     flops_per_token = model.flops_per_token()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -238,9 +251,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    # Rank 0 appends every step's row to the run's steps.jsonl, beside its
-    # checkpoints, before each report: the drivers' Parquet and TensorBoard
-    # files are rebuilt from it, so a lost report or a killed driver loses no row.
+    # Rank 0 writes the rows since the last report as one Parquet part (and one
+    # TensorBoard file) before each report: a lost report or a killed driver loses no row.
     pending_rows: list[dict[str, Any]] = []
     row_identity = {
         "run": context.get_experiment_name(),
@@ -249,12 +261,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "learning_rate": cfg.learning_rate,
         **run_info,
     }
-    row_log = metrics.RowLog(metrics.rows_path(context.get_storage().experiment_fs_path))
-    last_val: float | None = None
+    # The driver's metadata (config, versions, cluster) rides in every part's footer.
+    part_metadata = outputs.get("metadata") or {"config": cfg.to_dict()}
     started = time.perf_counter()
     step = start_step
     while step < cfg.max_steps:
         step_start = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
         lr = lr_at(step, cfg)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
@@ -287,9 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_seconds = time.perf_counter() - step_start
         tokens_per_sec = tokens_per_step / step_seconds
         first_loss = train_loss if first_loss is None else first_loss
-        diverged = not math.isfinite(train_loss) or (
-            cfg.divergence_factor > 0 and train_loss > cfg.divergence_factor * first_loss
-        )
+        diverged = status.is_diverged(train_loss, first_loss, cfg.divergence_factor)
 
         row: dict[str, Any] = {
             "step": step,
@@ -305,7 +316,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **row_identity,
         }
         is_last = step == cfg.max_steps or diverged
-        if step % cfg.eval_interval == 0 or is_last:
+        evaluated = step % cfg.eval_interval == 0 or is_last
+        if evaluated:
             losses = evaluate(model, eval_sets, autocast, device, world_size)
             row["val_loss"], row["eval_train_loss"] = losses["val"], losses["train"]
             last_val = losses["val"] if math.isfinite(losses["val"]) else math.inf
@@ -313,23 +325,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             diverged = diverged or not math.isfinite(losses["val"])
         if is_main:
             pending_rows.append(row)
-            if step % cfg.log_interval == 0 or row["val_loss"] is not None or is_last:
+            if step % cfg.log_interval == 0 or evaluated:
                 done = step - start_step
                 eta = (time.perf_counter() - started) / done * (cfg.max_steps - step)
                 print(metrics.progress_line(row, cfg.max_steps, eta), flush=True)
 
-        if row["val_loss"] is not None:
+        save_now = step % ckpt_interval == 0 or is_last
+        if evaluated or save_now:
             report = {
                 "step": step,
                 "tokens_seen": row["tokens_seen"],
                 "train_loss": train_loss,
-                "val_loss": last_val,
+                # Tune needs the metric in every result: a checkpoint-only report repeats
+                # the last val loss (inf before the first eval; ASHA's rungs are evals).
+                "val_loss": last_val if last_val is not None else math.inf,
                 "best_val_loss": best_val,
+                "evaluated": evaluated,
                 "lr": lr,
                 "diverged": diverged,
                 "done": is_last,
             }
-            save_now = step % ckpt_interval == 0 or is_last
             state_now = None
             if save_now and is_main:
                 state_now = {
@@ -337,15 +352,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": step,
-                    "rng": _rng_state(),
                     "first_loss": first_loss,
                     "best_val_loss": best_val,
+                    "last_val_loss": last_val,
                     "config": cfg.to_dict(),
                     "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
                 }
             if is_main:
-                row_log.append(pending_rows)
-            _report(report, state_now, step)
+                results.write_step_part(run, run_path, pending_rows, part_metadata)
+                results.write_tensorboard_part(run, tensorboard_path, pending_rows)
+            _report(report, state_now, step, cfg.checkpoint_upload)
             pending_rows = []
             if diverged:
                 if is_main:
@@ -357,18 +373,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
 
 
-def _report(metrics_: dict[str, Any], state: dict[str, Any] | None, step: int) -> None:
-    """`ray.train.report`, with a checkpoint of `state` when rank 0 passes one."""
+def _report(metrics_: dict[str, Any], state: dict[str, Any] | None, step: int, upload: str) -> None:
+    """`ray.train.report`, with a checkpoint of `state` when rank 0 passes one.
+
+    Async upload: Ray copies the folder to storage in a thread and deletes it
+    afterwards, so the ranks go on training instead of waiting on storage.
+    """
     if state is None:
         ray.train.report(metrics_)
         return
+    from ray.train import CheckpointUploadMode
+
     tmp = tempfile.mkdtemp(prefix="raygpt-ckpt-")
+    asynchronous = upload == "async"
     try:
         checkpoint.save(tmp, state)
         ray.train.report(
             metrics_,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=checkpoint.checkpoint_dir_name(step),
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC
+            if asynchronous
+            else CheckpointUploadMode.SYNC,
         )
-    finally:
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not asynchronous:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,10 +1,11 @@
 """`python -m raygpt.report SWEEP_DIR`: which optimizer, at which learning rate?
 
 Reads only the Parquet files a sweep (or a single `raygpt.train` run) leaves in
-`<storage>/<name>/`: `trials.parquet` (one row per trial) and `steps.parquet`
-(one row per trial and step). No Ray import, so it runs anywhere the files are,
-also while a sweep is still writing them: both are replaced atomically, and a
-missing or empty file just means "nothing yet".
+`<storage>/<name>/`, a local folder or an s3:// or gs:// URI: `trials.parquet`
+(one row per trial) and the step parts (one row per trial and step; see
+results.py). No Ray import, so it runs anywhere the files are, also while a
+sweep is still writing them: every file is written whole, and a missing one
+just means "nothing yet".
 
 Prints a fixed-width summary (best learning rate per optimizer, status counts,
 compute spent) and writes three plots beside the files (or into `--out`):
@@ -16,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,79 +25,81 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from raygpt import metrics
+from raygpt import metrics, results, status, storage
 from raygpt.config import OPTIMIZERS
 from raygpt.errors import UserError, exit_on_user_error
+from raygpt.storage import Storage
 
-TRIALS_FILE = "trials.parquet"
-STEPS_FILE = "steps.parquet"
 PLOT_FILES = ("lr_sensitivity.png", "loss_curves.png", "throughput.png")
 DPI = 120
-
-# Statuses that may hold the best trial; diverged and error trials never do.
-CAN_WIN = ("completed", "stopped_early", "running")
-STATUS_ORDER = ("completed", "stopped_early", "diverged", "error", "running")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load(sweep_dir: str | Path) -> tuple[pa.Table | None, pa.Table | None, dict[str, Any]]:
+def folder_storage(where: str | Path | Storage) -> Storage:
+    """The storage rooted at a sweep or run folder (a path, a URI, or a Storage already)."""
+    if isinstance(where, Storage):
+        return where
+    store = storage.resolve(str(where), check=False)
+    if store.root.endswith(".parquet"):  # someone passed trials.parquet or a part itself
+        parent = store.root.rsplit("/", 1)[0]
+        if parent.endswith(f"/{results.STEPS_DIR}"):
+            parent = parent.rsplit("/", 1)[0]
+        store = store.at(parent)
+    return store
+
+
+def load(where: str | Path | Storage) -> tuple[pa.Table | None, pa.Table | None, dict[str, Any]]:
     """Read a sweep folder (or a train run folder): (trials, steps, metadata).
 
-    A run folder has only `steps.parquet`; its trials table is then derived
-    from the steps (one row per trial_id, "" for a plain run). The metadata is
-    the decoded `raygpt.*` Parquet metadata of both files (trials' wins), plus
-    "name": the sweep or run name.
+    A run folder has only step parts; its trials table is then derived from
+    the steps (one row per trial_id, "" for a plain run). The metadata is the
+    decoded `raygpt.*` Parquet metadata of both (trials' wins), plus "name":
+    the sweep or run name.
     """
-    path = Path(sweep_dir).expanduser()
-    if path.is_file() and path.suffix == ".parquet":
-        path = path.parent  # someone passed trials.parquet or steps.parquet itself
-    hint = (
-        "give a sweep or run folder (<storage>/<name>) that holds trials.parquet or steps.parquet"
-    )
-    if not path.is_dir():
-        raise UserError(f"no such folder: {path}; {hint}")
-    trials_path, steps_path = path / TRIALS_FILE, path / STEPS_FILE
-    if not trials_path.exists() and not steps_path.exists():
-        raise UserError(f"no {TRIALS_FILE} or {STEPS_FILE} in {path} (yet?); {hint}")
-
-    metadata: dict[str, Any] = {}
-    steps = _read(steps_path, metrics.STEP_SCHEMA, metadata)
-    trials = _read(trials_path, metrics.TRIAL_SCHEMA, metadata)
-    if trials is None and steps is None:  # both vanished between the check and the read
-        raise UserError(f"no {TRIALS_FILE} or {STEPS_FILE} in {path} (yet?); {hint}")
-    if trials is None:
+    store = folder_storage(where)
+    hint = "give a sweep or run folder (<storage>/<name>) that holds trials.parquet or steps/"
+    shown = store.display()
+    try:
+        is_dir = store.is_dir(store.root)
+        if not is_dir:
+            raise UserError(f"no such folder: {shown}; {hint}")
+        metadata: dict[str, Any] = {}
+        steps, steps_meta = results.read_steps(store, store.root)
+        metadata.update(steps_meta)
+        trials = results.read_table(store, f"{store.root}/{results.TRIALS_FILE}")
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"cannot read {shown}: {str(err).splitlines()[0]}") from None
+    if trials is None and steps is None:
+        raise UserError(f"no {results.TRIALS_FILE} or step parts in {shown} (yet?); {hint}")
+    if trials is not None:
+        metadata.update(results.decode_metadata(trials.schema))
+        trials = _conform(trials, results.TRIAL_SCHEMA)
+    else:
         trials = derive_trials(steps, metadata)
-    metadata["name"] = _name(metadata, path)
+    metadata["name"] = _name(metadata, store.root)
+    metadata["has_trials_file"] = trials is not None and store.exists(
+        f"{store.root}/{results.TRIALS_FILE}"
+    )
     return trials, steps, metadata
 
 
-def _read(path: Path, schema: pa.Schema, metadata: dict[str, Any]) -> pa.Table | None:
-    if not path.exists():
-        return None
-    try:
-        table = pq.read_table(path)
-        metadata.update(metrics.read_metadata(path))
-    except FileNotFoundError:
-        return None
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-    # Tolerate files from an older or newer writer: add missing columns as nulls.
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Tolerate files from an older or newer writer: add missing columns as nulls."""
     for field in schema:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(len(table), field.type))
     return table
 
 
-def _name(metadata: dict[str, Any], path: Path) -> str:
+def _name(metadata: dict[str, Any], root: str) -> str:
     for key in ("sweep", "config"):
         section = metadata.get(key)
         if isinstance(section, dict) and section.get("name"):
             return str(section["name"])
-    return path.resolve().name
+    return root.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _columns(table: pa.Table, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -119,7 +120,7 @@ def _trial_groups(steps: pa.Table | None) -> list[dict[str, Any]]:
     """Steps split per trial, each sorted by step: [{trial_id, optimizer, learning_rate, cols}]."""
     if steps is None or len(steps) == 0:
         return []
-    names = tuple(metrics.STEP_COLUMNS)
+    names = tuple(results.STEP_COLUMNS)
     cols = _columns(steps, names)
     val_valid = pc.is_valid(steps.column("val_loss")).to_numpy(zero_copy_only=False)
     cols["val_valid"] = np.asarray(val_valid, dtype=bool)
@@ -166,12 +167,13 @@ def derive_trials(steps: pa.Table | None, metadata: dict[str, Any] | None = None
         )
         if factor and len(finite_train) and len(train) and np.isfinite(train[-1]):
             diverged = diverged or train[-1] > factor * finite_train[0]
-        if diverged:
-            status = "diverged"
-        elif isinstance(max_steps, int | float) and last_step < max_steps:
-            status = "running"
-        else:
-            status = "completed"
+        trial_status = status.decide(
+            errored=False,
+            diverged=diverged,
+            steps=last_step,
+            max_steps=int(max_steps) if isinstance(max_steps, int | float) else None,
+            ended=False,
+        )
         if len(finite_val):
             best_val = float(finite_val.min())
         else:
@@ -185,7 +187,7 @@ def derive_trials(steps: pa.Table | None, metadata: dict[str, Any] | None = None
                 "trial_id": group["trial_id"],
                 "optimizer": group["optimizer"],
                 "learning_rate": group["learning_rate"],
-                "status": status,
+                "status": trial_status,
                 "steps": last_step,
                 "best_val_loss": best_val,
                 "final_train_loss": float(train[-1]) if len(train) else None,
@@ -196,8 +198,8 @@ def derive_trials(steps: pa.Table | None, metadata: dict[str, Any] | None = None
                 "mean_mfu": float(mfu.mean()) if len(mfu) else None,
             }
         )
-    full = [{name: row.get(name) for name in metrics.TRIAL_SCHEMA.names} for row in rows]
-    return pa.Table.from_pylist(full, schema=metrics.TRIAL_SCHEMA)
+    full = [{name: row.get(name) for name in results.TRIAL_SCHEMA.names} for row in rows]
+    return pa.Table.from_pylist(full, schema=results.TRIAL_SCHEMA)
 
 
 # --------------------------------------------------------------------------- summary
@@ -212,13 +214,13 @@ def _trial_rows(trials: pa.Table | None) -> list[dict[str, Any]]:
         return []
     rows = trials.to_pylist()
     for row in rows:
-        row["status"] = row.get("status") or "running"
+        row["status"] = row.get("status") or status.RUNNING
         row["optimizer"] = row.get("optimizer") or "?"
     return rows
 
 
 def _can_win(row: dict[str, Any]) -> bool:
-    return row["status"] in CAN_WIN and _finite(row.get("best_val_loss"))
+    return row["status"] in status.CAN_WIN and _finite(row.get("best_val_loss"))
 
 
 def summarize(
@@ -292,7 +294,7 @@ def _edge(entry: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
         float(r["learning_rate"])
         for r in rows
         if r["optimizer"] == entry["optimizer"]
-        and r["status"] != "error"
+        and r["status"] != status.ERROR
         and _finite(r.get("learning_rate"))
     }
     if not _finite(best) or len(tried) < 3:
@@ -371,8 +373,8 @@ def _human(n: float | None) -> str:
 
 
 def _status_list(counts: dict[str, int]) -> list[str]:
-    known = [s for s in STATUS_ORDER if counts.get(s)]
-    return known + sorted(s for s in counts if s not in STATUS_ORDER and counts[s])
+    known = [s for s in status.ALL if counts.get(s)]
+    return known + sorted(s for s in counts if s not in status.ALL and counts[s])
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -482,22 +484,26 @@ def optimizer_color(optimizer: str) -> str:
     return _PALETTE[(len(OPTIMIZERS) + sum(map(ord, optimizer))) % len(_PALETTE)]
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Save a figure as PNG atomically (temp file beside it, then rename) and close it."""
+PlotTarget = str | Path | tuple[Storage, str]
+
+
+def _save(fig, target: PlotTarget) -> Path | str:
+    """Save a figure as PNG (written whole: never half a file) and close it.
+
+    `target` is a local path, or (storage, path inside it) for a folder on
+    object storage; returns the local Path, or the URI written.
+    """
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if isinstance(target, tuple):
+        store, fs_path = target
+    else:
+        local = Path(target).expanduser().resolve()
+        store, fs_path = storage.resolve(str(local.parent), check=False), str(local)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        results.write_png(store, fs_path, fig, DPI)
     finally:
         plt.close(fig)
-    return path
+    return Path(fs_path) if store.is_local else store.display(fs_path)
 
 
 def _title(kind: str, name: str | None) -> str:
@@ -519,19 +525,23 @@ def _robust_top(values: np.ndarray) -> float:
     return float(kept.max()) if len(kept) else med
 
 
-def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = None) -> Path:
+def plot_lr_sensitivity(trials: pa.Table, path: PlotTarget, name: str | None = None) -> Path | str:
     """Best val loss against learning rate (log x), one series per optimizer."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
     rows = [
-        r for r in _trial_rows(trials) if r["status"] != "error" and _finite(r.get("learning_rate"))
+        r
+        for r in _trial_rows(trials)
+        if r["status"] != status.ERROR and _finite(r.get("learning_rate"))
     ]
     rows = [r for r in rows if r["learning_rate"] > 0]
     fig, ax = plt.subplots(figsize=(8, 5))
     try:
-        plotted = [r for r in rows if r["status"] != "diverged" and _finite(r.get("best_val_loss"))]
-        diverged = [r for r in rows if r["status"] == "diverged"]
+        plotted = [
+            r for r in rows if r["status"] != status.DIVERGED and _finite(r.get("best_val_loss"))
+        ]
+        diverged = [r for r in rows if r["status"] == status.DIVERGED]
         values = np.array([r["best_val_loss"] for r in plotted], dtype=float)
         if len(values):
             lo, hi = float(values.min()), _robust_top(values)
@@ -555,7 +565,7 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
             points = sorted(
                 (r for r in plotted if r["optimizer"] == opt), key=lambda r: r["learning_rate"]
             )
-            connected = [r for r in points if r["status"] in ("completed", "stopped_early")]
+            connected = [r for r in points if r["status"] in status.FINISHED_OK]
             if connected:
                 ax.plot(
                     [r["learning_rate"] for r in connected],
@@ -567,9 +577,9 @@ def plot_lr_sensitivity(trials: pa.Table, path: str | Path, name: str | None = N
                     zorder=2,
                 )
             for r in points:
-                hollow = r["status"] != "completed"
-                marker = "D" if r["status"] == "running" else "o"
-                styles_used.add(r["status"] if r["status"] in CAN_WIN else "completed")
+                hollow = r["status"] != status.COMPLETED
+                marker = "D" if r["status"] == status.RUNNING else "o"
+                styles_used.add(r["status"] if r["status"] in status.CAN_WIN else status.COMPLETED)
                 off_scale = r["best_val_loss"] > ceiling
                 if off_scale:
                     styles_used.add("off_scale")
@@ -662,7 +672,7 @@ def _finite_or_nan(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def plot_loss_curves(steps: pa.Table, path: str | Path, name: str | None = None) -> Path:
+def plot_loss_curves(steps: pa.Table, path: PlotTarget, name: str | None = None) -> Path | str:
     """Val loss at eval steps per trial, colored by optimizer; train loss faint behind."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -723,7 +733,7 @@ def plot_loss_curves(steps: pa.Table, path: str | Path, name: str | None = None)
     return _save(fig, path)
 
 
-def plot_throughput(steps: pa.Table, path: str | Path, name: str | None = None) -> Path:
+def plot_throughput(steps: pa.Table, path: PlotTarget, name: str | None = None) -> Path | str:
     """Tokens/s against step per trial; MFU in a second panel when any MFU is known."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -779,26 +789,28 @@ def plot_throughput(steps: pa.Table, path: str | Path, name: str | None = None) 
 
 
 def render(
-    sweep_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True
-) -> tuple[str, list[Path]]:
-    """Summary text and the PNGs written (into out_dir, default the sweep folder)."""
-    trials, steps, metadata = load(sweep_dir)
+    where: str | Path | Storage, out_dir: str | Path | None = None, plots: bool = True
+) -> tuple[str, list[Path | str]]:
+    """Summary text and the PNGs written (into out_dir, default the sweep or run folder)."""
+    folder = folder_storage(where)
+    trials, steps, metadata = load(folder)
     name = metadata.get("name")
     text = format_summary(summarize(trials, steps, name=name))
-    written: list[Path] = []
+    written: list[Path | str] = []
     if not plots:
         return text, written
-    folder = Path(sweep_dir).expanduser()
-    if folder.is_file():
-        folder = folder.parent
-    out = Path(out_dir).expanduser() if out_dir is not None else folder
+    out = folder if out_dir is None else storage.resolve(str(out_dir), check=False)
+
+    def target(file_name: str) -> PlotTarget:
+        return (out, f"{out.root}/{file_name}")
+
     # A single training run has one learning rate: no sensitivity curve to draw.
-    single_run = not (folder / TRIALS_FILE).exists() and trials is not None and len(trials) <= 1
+    single_run = not metadata["has_trials_file"] and trials is not None and len(trials) <= 1
     if trials is not None and len(trials) and not single_run:
-        written.append(plot_lr_sensitivity(trials, out / PLOT_FILES[0], name))
+        written.append(plot_lr_sensitivity(trials, target(PLOT_FILES[0]), name))
     if steps is not None and len(steps):
-        written.append(plot_loss_curves(steps, out / PLOT_FILES[1], name))
-        written.append(plot_throughput(steps, out / PLOT_FILES[2], name))
+        written.append(plot_loss_curves(steps, target(PLOT_FILES[1]), name))
+        written.append(plot_throughput(steps, target(PLOT_FILES[2]), name))
     return text, written
 
 
@@ -809,7 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Summarize a raygpt sweep (or run) folder: best learning rate per optimizer, "
         "status counts, compute, and plots.",
     )
-    parser.add_argument("sweep_dir", help="sweep or run folder: <storage>/<name>")
+    parser.add_argument(
+        "sweep_dir", help="sweep or run folder: <storage>/<name>, a local path or s3://, gs://"
+    )
     parser.add_argument(
         "--out", default=None, help="folder for the PNGs (default: the sweep folder)"
     )

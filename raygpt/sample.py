@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from raygpt import checkpoint, data
-from raygpt.config import DTYPES, OneLineArgumentParser
+from raygpt.config import DTYPES, OneLineArgumentParser, default_storage_path
 from raygpt.errors import UserError, exit_on_user_error
 from raygpt.model import GPT, GPTConfig
 
@@ -51,8 +51,9 @@ def build_parser() -> OneLineArgumentParser:
     )
     p.add_argument(
         "--storage-path",
-        default="~/ray_results",
-        help="where run names are looked up (default ~/ray_results)",
+        default=default_storage_path(),
+        help="where run names are looked up: a local path or s3://, gs:// "
+        "(default $RAYGPT_STORAGE_PATH, else ~/ray_results)",
     )
     p.add_argument(
         "--start",
@@ -107,7 +108,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (
+            torch.bfloat16
+            if torch.cuda.is_bf16_supported(including_emulation=False)
+            else torch.float16
+        )
     return torch.float32
 
 
@@ -184,9 +189,9 @@ def load_checkpoint_model(
     path_or_run: str, storage_path: str, device: torch.device
 ) -> tuple[GPT, Any, str]:
     """(model in eval mode, tokenizer, description) from a raygpt checkpoint."""
-    ckpt_dir = checkpoint.resolve(path_or_run, storage_path)
-    state = checkpoint.load(ckpt_dir, map_location="cpu")
-    where = str(ckpt_dir)
+    store, ckpt_dir = checkpoint.resolve(path_or_run, storage_path)
+    state = checkpoint.load(ckpt_dir, store)
+    where = store.display(ckpt_dir)
     weights = state["model"]
     if not isinstance(weights, dict):
         raise UserError(f"checkpoint {where} has no model weights")

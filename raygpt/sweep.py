@@ -10,15 +10,17 @@ rate per optimizer, momentum only for `momentum`), or a fixed log-spaced grid,
 or seeded random points. Scheduler: ASHA on val_loss against the training
 step, with rungs at multiples of eval_interval so every rung has an eval.
 
-Outputs in `<storage_path>/<name>/`: trials.parquet, steps.parquet (both
-rewritten atomically while the sweep runs), tensorboard/<trial_id>/ events,
-lr_sensitivity.png and friends (see raygpt.report), and runs/<trial_id>/
-checkpoints, which let a restored sweep continue its interrupted trials.
+Outputs in `<storage_path>/<name>/` (a local folder or s3://, gs://):
+trials.parquet (rewritten whole while the sweep runs), runs/<trial_id>/ with
+each trial's step parts and checkpoints (which let a restored sweep continue
+its interrupted trials), tensorboard/<trial_id>/ events, and
+lr_sensitivity.png and friends (see raygpt.report).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,16 +33,18 @@ from typing import Any
 import numpy as np
 from ray.tune import Callback
 
-from raygpt import data, launch, metrics
+from raygpt import data, launch, metrics, results, status, storage
 from raygpt.config import (
     OPTIMIZERS,
     OneLineArgumentParser,
     TrainConfig,
     add_dataclass_flags,
+    default_storage_path,
     merge,
     read_toml,
 )
 from raygpt.errors import UserError, exit_on_user_error
+from raygpt.storage import Storage
 
 # Where each optimizer's learning rate is worth searching (log scale). Adaptive
 # methods normalise the step, so their useful range sits two decades lower.
@@ -77,7 +81,7 @@ class SweepConfig:
     max_trial_failures: int = 0  # retries of a trial that raised
     use_gpu: str = "auto"
     name: str | None = None
-    storage_path: str = "~/ray_results"
+    storage_path: str = field(default_factory=default_storage_path)
     address: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -212,7 +216,13 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trial(
-    config: dict[str, Any], base: dict[str, Any], runs_dir: str, use_gpu: bool, env: dict[str, str]
+    config: dict[str, Any],
+    base: dict[str, Any],
+    store: Storage,
+    sweep_path: str,
+    use_gpu: bool,
+    env: dict[str, str],
+    metadata: dict[str, Any],
 ) -> None:
     """A Tune function trainable: one TorchTrainer run of the shared training loop."""
     import os
@@ -228,10 +238,14 @@ def run_trial(
     trainer = launch.build_trainer(
         cfg,
         name=trial_id,
-        storage_path=runs_dir,
+        storage=store.at(f"{sweep_path}/{results.RUNS_DIR}"),
         use_gpu=use_gpu,
         callbacks=[TuneReportCallback()],
         run_info={"trial_id": trial_id},
+        outputs={
+            "tensorboard_path": f"{sweep_path}/{results.TENSORBOARD_DIR}/{trial_id}",
+            "metadata": metadata,
+        },
     )
     trainer.fit()
 
@@ -240,91 +254,68 @@ def run_trial(
 
 
 class SweepOutputs(Callback):
-    """Tune callback on the driver: trials.parquet, steps.parquet and TensorBoard, live.
+    """Tune callback on the driver: trials.parquet, live, and one line per finished trial.
 
-    Step rows come from each trial's `runs/<trial_id>/steps.jsonl`, which
-    rank 0 appends before every report, and are merged into the sweep's
-    `steps.parquet` every few seconds and whenever a trial ends; a restored
-    sweep re-reads the logs, so a killed driver loses no row.
+    Step rows and TensorBoard events are written by each trial's rank 0 (see
+    results.py); this callback reads a trial's rows once, when it ends, to sum
+    up its compute. trials.parquet is one small file rewritten whole (a single
+    PUT on object storage) every few seconds and whenever a trial ends.
 
-    It is pickled with the Tuner's state; only paths and settings survive
-    pickling, and the tables are reloaded from the Parquet files, so a
-    restored sweep continues the same files without duplicating a row.
+    It is pickled with the Tuner's state; only the storage, paths and settings
+    survive pickling, and the trials table is reloaded from trials.parquet, so
+    a restored sweep continues the same table.
     """
 
     WRITE_EVERY_S = 5.0
 
-    def __init__(self, sweep_dir: str, metadata: dict[str, Any], max_steps: int):
-        self.sweep_dir = sweep_dir
+    def __init__(self, store: Storage, sweep_path: str, metadata: dict[str, Any], max_steps: int):
+        self.store = store
+        self.sweep_path = sweep_path
         self.metadata = metadata
         self.max_steps = max_steps
         self._reset()
 
     def _reset(self) -> None:
-        self._steps: dict[str, metrics.StepLog] | None = None
-        self._tails: dict[str, metrics.RowTail] = {}
-        self._trials: dict[str, dict[str, Any]] = {}
-        self._tensorboard: dict[str, metrics.TensorBoardLog] = {}
+        self._trials: dict[str, dict[str, Any]] | None = None
         self._started: dict[str, float] = {}
         self._last_write = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("sweep_dir", "metadata", "max_steps")}
+        return {k: self.__dict__[k] for k in ("store", "sweep_path", "metadata", "max_steps")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset()
 
+    @property
+    def trials_path(self) -> str:
+        return f"{self.sweep_path}/{results.TRIALS_FILE}"
+
     # -- state
-    def _load(self) -> None:
-        if self._steps is not None:
-            return
-        root = Path(self.sweep_dir)
-        self._steps = {}
-        self._tails = {}
-        for trial_dir in sorted((root / "runs").glob("*")):
-            # Rows already in the merged file are not sent to TensorBoard again.
-            self._read_new_rows(trial_dir.name)
-        trials_path = root / "trials.parquet"
-        if trials_path.exists():
-            import pyarrow.parquet as pq
-
-            for row in pq.read_table(trials_path).to_pylist():
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._trials is None:
+            self._trials = {}
+            table = results.read_table(self.store, self.trials_path)
+            for row in table.to_pylist() if table is not None else []:
                 self._trials[row["trial_id"]] = row
-
-    def _read_new_rows(self, trial_id: str) -> list[dict[str, Any]]:
-        """Add a trial's rows appended to its steps.jsonl since the last read; return the
-        steps new to this sweep."""
-        if trial_id not in self._steps:
-            self._steps[trial_id] = metrics.StepLog(metadata=self.metadata)
-            run_dir = Path(self.sweep_dir) / "runs" / trial_id
-            self._tails[trial_id] = metrics.RowTail(metrics.rows_path(run_dir))
-        return self._steps[trial_id].add(self._tails[trial_id].read_new())
-
-    def _ingest(self, trial_id: str) -> None:
-        """Read a trial's new rows from its steps.jsonl; put the new steps in TensorBoard."""
-        fresh = self._read_new_rows(trial_id)
-        if fresh:
-            if trial_id not in self._tensorboard:
-                tb_dir = Path(self.sweep_dir) / "tensorboard" / trial_id
-                self._tensorboard[trial_id] = metrics.TensorBoardLog(tb_dir)
-            self._tensorboard[trial_id].add(fresh)
+        return self._trials
 
     def _record(self, trial) -> dict[str, Any]:
-        record = self._trials.get(trial.trial_id)
+        trials = self._load()
+        record = trials.get(trial.trial_id)
         if record is None:
             params = trial_params(trial.config)
-            record = {col: None for col in metrics.TRIAL_SCHEMA.names} | {
+            record = {col: None for col in results.TRIAL_SCHEMA.names} | {
                 "trial_id": trial.trial_id,
                 "optimizer": params["optimizer"],
                 "learning_rate": params["learning_rate"],
                 "momentum": params.get("momentum"),
                 "params": json.dumps(params),
-                "status": "running",
+                "status": status.RUNNING,
                 "steps": 0,
                 "wall_seconds": 0.0,
             }
-            self._trials[trial.trial_id] = record
+            trials[trial.trial_id] = record
         return record
 
     def _write(self, force: bool = False) -> None:
@@ -332,39 +323,26 @@ class SweepOutputs(Callback):
         if not force and now - self._last_write < self.WRITE_EVERY_S:
             return
         self._last_write = now
-        merged = [log.table() for _, log in sorted(self._steps.items())]
-        steps = (
-            metrics.pa.concat_tables(merged)
-            if merged
-            else metrics.pa.Table.from_pylist([], schema=metrics.STEP_SCHEMA)
-        )
-        metrics.write_parquet_atomic(
-            metrics.with_metadata(steps, self.metadata), Path(self.sweep_dir) / "steps.parquet"
-        )
         rows = [self._trials[k] for k in sorted(self._trials)]
-        table = metrics.pa.Table.from_pylist(rows, schema=metrics.TRIAL_SCHEMA)
-        metrics.write_parquet_atomic(
-            metrics.with_metadata(table, self.metadata), Path(self.sweep_dir) / "trials.parquet"
+        table = results.pa.Table.from_pylist(rows, schema=results.TRIAL_SCHEMA)
+        results.write_table(
+            self.store, self.trials_path, results.with_metadata(table, self.metadata)
         )
 
-    def _close_tensorboard(self, trial_id: str) -> None:
-        if (tb := self._tensorboard.pop(trial_id, None)) is not None:
-            tb.close()
-
-    def _finish(self, trial, status: str, error: str | None = None) -> None:
-        self._load()
+    def _finish(self, trial, errored: bool, error: str | None = None) -> None:
         record = self._record(trial)
-        self._ingest(trial.trial_id)  # the rows of the final report
-        if status != "error" and record.get("diverged_flag"):
-            status = "diverged"
-        record["status"] = status
+        self._summarise_steps(record)
+        record["status"] = status.decide(
+            errored=errored,
+            diverged=bool(record.pop("diverged_flag", False)),
+            steps=record["steps"],
+            max_steps=self.max_steps,
+        )
         record["error"] = error
         self._account_wall(trial.trial_id, record)
-        self._summarise_steps(record)
-        record.pop("diverged_flag", None)
-        self._close_tensorboard(trial.trial_id)
         self._write(force=True)
-        done = sum(r["status"] != "running" for r in self._trials.values())
+        trials = self._trials.values()
+        done = sum(r["status"] != status.RUNNING for r in trials)
         best = self._best()
         best_text = (
             f"best so far {best['optimizer']} lr={best['learning_rate']:.3g} "
@@ -372,11 +350,14 @@ class SweepOutputs(Callback):
             if best
             else "no finished trial yet"
         )
+        outcome = f"{record['status']} at step {record['steps']}"
+        if record["status"] == status.ERROR:
+            outcome += f": {error}"
+        elif record["best_val_loss"] is not None:
+            outcome += f" (val {record['best_val_loss']:.4f})"
         print(
             f"[sweep] trial {trial.trial_id} {record['optimizer']} lr={record['learning_rate']:.3g}"
-            f": {status} at step {record['steps']}"
-            + (f" (val {record['best_val_loss']:.4f})" if record["best_val_loss"] else "")
-            + f" | {done} trial(s) finished | {best_text}",
+            f": {outcome} | {done} trial(s) finished | {best_text}",
             flush=True,
         )
 
@@ -386,8 +367,11 @@ class SweepOutputs(Callback):
             record["wall_seconds"] = (record["wall_seconds"] or 0.0) + time.time() - started
 
     def _summarise_steps(self, record: dict[str, Any]) -> None:
-        log = self._steps.get(record["trial_id"])
-        rows = log.rows_for(record["trial_id"]) if log is not None else []
+        """Compute totals from the trial's own step parts (read once, at its end)."""
+        table, _ = results.read_steps(
+            self.store, f"{self.sweep_path}/{results.RUNS_DIR}/{record['trial_id']}"
+        )
+        rows = table.to_pylist() if table is not None else []
         if not rows:
             return
         speeds = [r["tokens_per_sec"] for r in rows if r["tokens_per_sec"]]
@@ -405,7 +389,7 @@ class SweepOutputs(Callback):
         finished = [
             r
             for r in self._trials.values()
-            if r["status"] in ("completed", "stopped_early")
+            if r["status"] in status.FINISHED_OK
             and r["best_val_loss"] is not None
             and math.isfinite(r["best_val_loss"])
         ]
@@ -416,51 +400,60 @@ class SweepOutputs(Callback):
         self._load()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._load()
         record = self._record(trial)
-        record["status"] = "running"
+        record["status"] = status.RUNNING
         self._started[trial.trial_id] = time.time()
         self._write(force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._load()
         record = self._record(trial)
-        self._ingest(trial.trial_id)
         record["steps"] = result.get("step", record["steps"])
-        record["best_val_loss"] = result.get("best_val_loss")
-        record["final_val_loss"] = result.get("val_loss")
         record["final_train_loss"] = result.get("train_loss")
+        if result.get("evaluated", True):
+            record["best_val_loss"] = result.get("best_val_loss")
+            record["final_val_loss"] = result.get("val_loss")
         record["checkpoint_path"] = result.get("checkpoint_path") or record["checkpoint_path"]
         if result.get("diverged"):
             record["diverged_flag"] = True
         self._write()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        record = self._trials.get(trial.trial_id) or {}
-        finished = (record.get("steps") or 0) >= self.max_steps
-        self._finish(trial, "completed" if finished else "stopped_early")
+        self._finish(trial, errored=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "error", _trial_error_line(trial))
+        self._finish(trial, errored=True, error=trial_error_line(trial))
 
     def on_experiment_end(self, trials, **info) -> None:
-        self._load()
-        for trial_id in list(self._tensorboard):
-            self._close_tensorboard(trial_id)
+        # A stopped trial's rank 0 may write a part or two after Tune's decision (its
+        # workers finish the step in hand); with every trial torn down, count them too.
+        for record in self._load().values():
+            if record["status"] != status.RUNNING:
+                self._summarise_steps(record)
         self._write(force=True)
 
 
-def _trial_error_line(trial) -> str:
-    """The last meaningful line of a trial's error (the exception message)."""
+def trial_error_line(trial) -> str:
+    """The one line that says why a trial failed: a raygpt UserError's message, else the
+    last line of its traceback that names an exception."""
     text = ""
     error_file = getattr(trial, "error_file", None)
     if error_file and Path(error_file).exists():
         text = Path(error_file).read_text(errors="replace")
+    elif hasattr(trial, "get_error"):
+        with contextlib.suppress(Exception):  # best effort: the error stays in Ray's logs
+            text = str(trial.get_error() or "")
+    return error_line(text)
+
+
+def error_line(text: str) -> str:
+    marker = "raygpt.errors.UserError: "
+    if marker in text:
+        return text.rsplit(marker, 1)[1].splitlines()[0].strip()[:500]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
+        if ("Error" in line or "Exception" in line) and ":" in line:
             return line[:500]
-    return lines[-1][:500] if lines else "unknown error"
+    return lines[-1][:500] if lines else "unknown error (see the trial's error.txt)"
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -513,55 +506,55 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     from ray import tune
 
     name = sweep.name or f"sweep-{'-'.join(sweep.optimizers)}-{sweep.search}"
-    storage = launch.storage_root(sweep.storage_path)
-    sweep_dir = Path(storage) / name
+    store = storage.resolve(sweep.storage_path)  # unreachable, denied, no bucket: fails here
+    sweep_path = store.path(name)
+    where = store.display(sweep_path)
     # Trials read the data cache the driver resolved, whatever their environment.
     train = TrainConfig.from_dict(
         train.to_dict()
         | {"num_workers": sweep.workers_per_trial, "data_dir": str(data.data_root(train.data_dir))}
     )
     train.validate()
-
-    from raygpt.train import prepare_data  # fail on bad data before Ray starts
-
-    _, data_meta = prepare_data(train)
-    launch.check_run_dir(sweep_dir, sweep.resume, sweep.overwrite, kind="sweep")
-    if sweep.resume and not tune.Tuner.can_restore(str(sweep_dir)):
+    _, data_meta = launch.prepare_data(train)  # fail on bad data before Ray starts
+    launch.check_run_dir(store, sweep_path, sweep.resume, sweep.overwrite, kind="sweep")
+    if sweep.resume and not tune.Tuner.can_restore(sweep_path, storage_filesystem=store.fs):
         raise UserError(
-            f"cannot resume: {sweep_dir} holds no Tune experiment state; start it without --resume"
+            f"cannot resume: {where} holds no Tune experiment state; start it without --resume"
         )
 
     started = time.perf_counter()
-    launch.connect(sweep.address)
+    cluster = launch.connect(sweep.address)
     use_gpu = launch.resolve_use_gpu(sweep.use_gpu)
     gpus = 1 if use_gpu else 0
     launch.check_fits(sweep.workers_per_trial, train.cpus_per_worker, gpus, what="each trial")
     concurrent = launch.trials_that_fit(sweep.workers_per_trial, train.cpus_per_worker, gpus)
     if sweep.max_concurrent_trials is not None:
         concurrent = min(concurrent, sweep.max_concurrent_trials)
+    storage.preflight(store)  # trials may land on any node: every node must see the storage
     ray_ready = time.perf_counter()
     # Only now, with every check passed, may --overwrite remove the old sweep.
-    launch.prepare_run_dir(sweep_dir, sweep.resume, sweep.overwrite, kind="sweep")
+    launch.prepare_run_dir(store, sweep_path, sweep.resume, sweep.overwrite, kind="sweep")
 
     metadata = {
         "sweep": {k: v for k, v in vars(sweep).items()} | {"name": name},
         "config": train.to_dict(),
         "environment": metrics.environment(),
+        "cluster": cluster,
         "data": {
             k: data_meta.get(k) for k in ("dataset", "tokenizer", "vocab_size", "source_sha256")
         },
     }
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps(metadata, indent=2, default=str))
-    outputs = SweepOutputs(str(sweep_dir), metadata, train.max_steps)
-    base = train.to_dict()
+    results.write_json(store, f"{sweep_path}/{results.SWEEP_FILE}", metadata)
+    outputs = SweepOutputs(store, sweep_path, metadata, train.max_steps)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
-            base=base,
-            runs_dir=str(sweep_dir / "runs"),
+            base=train.to_dict(),
+            store=store,
+            sweep_path=sweep_path,
             use_gpu=use_gpu,
             env=launch.raygpt_env(),
+            metadata=metadata,
         ),
         # The trial actor only waits on its TorchTrainer; the workers hold the CPUs.
         # (Tune rejects an all-zero request, so it reserves a token 1 MiB of memory.)
@@ -570,15 +563,16 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     print(
         f"[sweep] {name}: {sweep.search} search over {','.join(sweep.optimizers)}, "
         f"{sweep.scheduler} scheduler, up to {concurrent} trial(s) at once, "
-        f"{train.max_steps} steps max -> {sweep_dir}",
+        f"{train.max_steps} steps max -> {where}",
         flush=True,
     )
     if sweep.resume:
         tuner = tune.Tuner.restore(
-            str(sweep_dir),
+            sweep_path,
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=sweep.max_trial_failures > 0,
+            storage_filesystem=store.fs,
         )
     else:
         search_alg, param_space, num_samples = build_search(sweep, train)
@@ -596,7 +590,8 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=store.root,
+                storage_filesystem=store.fs,
                 callbacks=[outputs],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
                 verbose=0,
@@ -609,21 +604,34 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
 
     from raygpt import report
 
-    text, pngs = report.render(sweep_dir)
+    folder = store.at(sweep_path)
+    text, pngs = report.render(folder)
     print(text, flush=True)
     for png in pngs:
         print(f"[sweep] plot: {png}", flush=True)
-    summary = report.summarize(*report.load(sweep_dir)[:2])
-    summary["sweep_dir"] = str(sweep_dir)
+    summary = report.summarize(*report.load(folder)[:2])
+    summary["sweep_dir"] = where
     summary["ray_startup_seconds"] = round(ray_ready - started, 2)
     summary["sweep_seconds"] = round(finished - ray_ready, 2)
     summary["max_concurrent_trials"] = concurrent
     print(
         f"[sweep] wall {summary['sweep_seconds']:.0f}s after {summary['ray_startup_seconds']:.1f}s "
-        f"Ray start-up; results in {sweep_dir}",
+        f"Ray start-up; results in {where}",
         flush=True,
     )
     return summary
+
+
+def check_found_something(summary: dict[str, Any]) -> None:
+    """A sweep in which no trial finished has no answer: say why, and fail."""
+    counts = summary.get("status_counts", {})
+    if any(counts.get(s) for s in status.FINISHED_OK):
+        return
+    described = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no trials"
+    raise UserError(
+        f"no trial finished ({described}); see the error lines above and "
+        f"{summary.get('sweep_dir')}/trials.parquet"
+    )
 
 
 def load_configs(experiment: str | None, flags: dict[str, Any]) -> tuple[SweepConfig, TrainConfig]:
@@ -676,7 +684,7 @@ def configs_from_argv(argv: list[str] | None) -> tuple[SweepConfig, TrainConfig]
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    run(*configs_from_argv(argv))
+    check_found_something(run(*configs_from_argv(argv)))
     return 0
 
 

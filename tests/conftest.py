@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3server import s3_auth_endpoint, s3_endpoint, s3_storage  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def ray_cluster(data_dir):
 
     from raygpt import launch
 
-    launch.connect(None)
+    launch.connect("local")
     yield ray
     ray.shutdown()
 
@@ -58,3 +59,23 @@ def tiny_config(storage: Path, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values).validate()
+
+
+def step_rows(folder: Path | str) -> list[dict]:
+    """Every step row of a run or sweep folder (its Parquet parts), one per (trial, step)."""
+    from raygpt import results, storage
+
+    table, _ = results.read_steps(storage.resolve(str(folder), check=False), _root(folder))
+    return table.to_pylist() if table is not None else []
+
+
+def step_metadata(folder: Path | str) -> dict:
+    from raygpt import results, storage
+
+    return results.read_steps(storage.resolve(str(folder), check=False), _root(folder))[1]
+
+
+def _root(folder: Path | str) -> str:
+    from raygpt import storage
+
+    return storage.resolve(str(folder), check=False).root

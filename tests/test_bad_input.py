@@ -210,6 +210,7 @@ def train_args(world: World, storage: Path, *extra: str, data_file: Path | None 
         *TINY_MODEL,
         "--data-file", str(data_file or world.text),
         "--storage-path", str(storage),
+        "--address", "local",
         *extra,
     ]  # fmt: skip
 
@@ -238,7 +239,7 @@ class Case:
 
 def _copy_run_and_break_checkpoint(storage: Path, run_dir: Path | None) -> None:
     shutil.copytree(run_dir, storage / RUN_NAME)
-    latest = checkpoint.latest_in_run(storage / RUN_NAME)
+    latest = Path(checkpoint.latest_in_run(storage / RUN_NAME))
     (latest / checkpoint.STATE_FILE).write_bytes(b"\x00garbage, not a torch zip file" * 10)
 
 
@@ -248,7 +249,7 @@ def _taken_sweep_name(storage: Path, run_dir: Path | None) -> None:
 
 
 def _latest_state(storage: Path) -> str:
-    return str(checkpoint.latest_in_run(storage / RUN_NAME) / checkpoint.STATE_FILE)
+    return str(Path(checkpoint.latest_in_run(storage / RUN_NAME)) / checkpoint.STATE_FILE)
 
 
 def _train(*extra: str, data_file: str | None = None) -> Callable[[World, Path], list[str]]:
@@ -369,11 +370,22 @@ CASES: dict[str, Case] = {
         storage=SHARED_RUN,
         uses_run=True,
     ),
-    # 15. checkpoint interval not a multiple of the eval interval
+    # 15. checkpoint interval zero; an unknown upload mode
     "checkpoint-interval": Case(
         "raygpt.train",
-        _train("--checkpoint-interval", "7", "--eval-interval", "5"),
-        _fixed("checkpoint_interval=7", "eval_interval=5"),
+        _train("--checkpoint-interval", "0"),
+        _fixed("checkpoint_interval=0", "> 0"),
+    ),
+    "checkpoint-upload": Case(
+        "raygpt.train",
+        _train("--checkpoint-upload", "later"),
+        _fixed("checkpoint_upload='later'", "async, sync"),
+    ),
+    # 16. a storage URI of a kind raygpt cannot write
+    "storage-scheme": Case(
+        "raygpt.train",
+        lambda world, storage: [*train_args(world, storage), "--storage-path", "hdfs://nn/x"],
+        _fixed("hdfs://nn/x", "s3://"),
     ),
     # 11. sweep: resume a sweep that does not exist
     "sweep-resume-missing": Case(

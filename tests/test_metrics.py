@@ -47,19 +47,10 @@ def test_cpu_and_unknown_devices_have_no_mfu_unless_told():
     assert "mfu n/a" in line and "step 5/10" in line
 
 
-def test_row_log_survives_a_torn_last_line_and_replays_dedupe(tmp_path):
-    log = metrics.RowLog(tmp_path / "steps.jsonl")
-    tail = metrics.RowTail(tmp_path / "steps.jsonl")
-    log.append([{"trial_id": "", "step": 1, "train_loss": 3.0}])
-    with (tmp_path / "steps.jsonl").open("a") as fh:
-        fh.write('{"trial_id": "", "step": 2, "train_lo')  # a writer still mid-line
-    table = metrics.StepLog(tmp_path / "steps.parquet")
-    assert [r["step"] for r in table.add(tail.read_new())] == [1]
-    with (tmp_path / "steps.jsonl").open("a") as fh:
-        fh.write('ss": 2.5}\n')
-    log.append([{"trial_id": "", "step": 2, "train_loss": 2.4}])  # replayed after a restart
-    assert [r["step"] for r in table.add(tail.read_new())] == [2]
-    table.write()
-    again = metrics.StepLog(tmp_path / "steps.parquet")
-    rows = again.table().to_pylist()
-    assert [(r["step"], r["train_loss"]) for r in rows] == [(1, 3.0), (2, 2.4)]
+def test_peak_table_knows_new_devices_and_scales_mig_slices():
+    assert metrics.peak_flops("NVIDIA H200 NVL") == 835e12
+    assert metrics.peak_flops("NVIDIA H200") == 989e12
+    assert metrics.peak_flops("NVIDIA H800 PCIe") == 756e12
+    assert metrics.peak_flops("NVIDIA GB200") == 2500e12
+    assert metrics.peak_flops("NVIDIA H20") == 148e12
+    assert metrics.peak_flops("NVIDIA A100-SXM4-40GB MIG 3g.20gb") == pytest.approx(312e12 * 3 / 7)

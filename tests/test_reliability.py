@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, step_rows
 
-from raygpt import sweep
+from raygpt import checkpoint, results, storage, sweep
 from raygpt.loop import FAIL_AT_ENV
 
 pytestmark = pytest.mark.slow
@@ -33,23 +32,30 @@ def _env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "RAYGPT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
 
 
-def _trials(sweep_dir: Path) -> list[dict]:
-    try:
-        return pq.read_table(sweep_dir / "trials.parquet").to_pylist()
-    except (FileNotFoundError, OSError):
-        return []
+def _trials(sweep: str) -> list[dict]:
+    """trials.parquet of a sweep folder (a path or URI), [] until it exists."""
+    store = storage.resolve(sweep, check=False)
+    table = results.read_table(store, f"{store.root}/trials.parquet")
+    return table.to_pylist() if table is not None else []
+
+
+def _under(uri: str, *parts: str) -> str:
+    base, _, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
 
 
 @pytest.mark.timeout(600)
-def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_path):
-    storage = tmp_path / "results"
+def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_path, s3_storage):
+    # On object storage (a real S3-compatible server): trials.parquet, step parts and
+    # checkpoints all live in the bucket, and the restored sweep reads them back from it.
     args = [
         sys.executable, "-m", "raygpt.sweep", *TINY, "--max-steps", str(KILLED_STEPS),
         "--optimizers", "adamw", "--search", "grid", "--grid-points", "2",
         "--lr-range", "adamw=1e-3:4e-3", "--scheduler", "fifo",
-        "--max-concurrent-trials", "1", "--name", "killed", "--storage-path", str(storage),
+        "--max-concurrent-trials", "1", "--name", "killed", "--storage-path", s3_storage,
+        "--address", "local",
     ]  # fmt: skip
-    sweep_dir = storage / "killed"
+    sweep_uri = _under(s3_storage, "killed")
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(
         args, cwd=REPO, env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT,
@@ -59,20 +65,20 @@ def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_pa
     deadline = time.time() + 300
     victim = None
     while time.time() < deadline and driver.poll() is None:
-        trials = _trials(sweep_dir)
+        trials = _trials(sweep_uri)
         done = [t for t in trials if t["status"] == "completed"]
         running = [t for t in trials if t["status"] == "running"]
         if done and running:
-            run_dir = sweep_dir / "runs" / running[0]["trial_id"]
-            if list(run_dir.glob("checkpoint_0000020")):
+            run = storage.resolve(_under(sweep_uri, "runs", running[0]["trial_id"]), check=False)
+            if checkpoint.latest_in_run(run.root, run) is not None:
                 victim = running[0]["trial_id"]
                 break
-        time.sleep(0.2)
+        time.sleep(0.5)
     assert victim is not None, (tmp_path / "first.log").read_text()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    completed_before = {t["trial_id"] for t in _trials(sweep_dir) if t["status"] == "completed"}
-    steps_before = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    completed_before = {t["trial_id"] for t in _trials(sweep_uri) if t["status"] == "completed"}
+    steps_before = step_rows(sweep_uri)
     time.sleep(2)  # let Ray's reaper take the orphaned cluster down
 
     resumed = subprocess.run(
@@ -84,10 +90,10 @@ def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_pa
     # Ray Train's per-report INFO lines (whole metric dicts) stay out of the console.
     assert "Reporting training result" not in resumed.stdout + resumed.stderr
 
-    trials = _trials(sweep_dir)
+    trials = _trials(sweep_uri)
     assert len(trials) == 2 and len({t["trial_id"] for t in trials}) == 2
     assert all(t["status"] == "completed" and t["steps"] == KILLED_STEPS for t in trials), trials
-    steps = pq.read_table(sweep_dir / "steps.parquet").to_pylist()
+    steps = step_rows(sweep_uri)
     keys = [(r["trial_id"], r["step"]) for r in steps]
     assert len(keys) == len(set(keys)) == 2 * KILLED_STEPS
     # Trials finished before the kill were not run again: their rows are untouched.
@@ -106,7 +112,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, storage, m
         "--max-trial-failures", "1", "--name", "errors", "--storage-path", str(storage),
     ]  # fmt: skip
     sweep.run(*sweep.configs_from_argv(args))
-    trials = {t["optimizer"]: t for t in _trials(storage / "errors")}
+    trials = {t["optimizer"]: t for t in _trials(str(storage / "errors"))}
     assert trials["adamw"]["status"] == "completed" and trials["adamw"]["steps"] == 20
     assert trials["sgd"]["status"] == "error"
     assert "injected fault at step 3" in trials["sgd"]["error"]
@@ -123,5 +129,5 @@ def test_lost_node_resumes_on_the_remaining_node(data_dir, tmp_path):
     assert result["summary"]["step"] == 200
     output = drill.stdout + drill.stderr
     assert "resumed from step" in output
-    rows = pq.read_table(tmp_path / "node-loss" / "steps.parquet").to_pylist()
+    rows = step_rows(tmp_path / "node-loss")
     assert [r["step"] for r in rows] == list(range(1, 201))

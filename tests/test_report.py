@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from raygpt import metrics, report
+from raygpt import report, results
 from raygpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,18 +104,34 @@ def _all_steps(specs=TRIALS):
         trial_id, optimizer, lr, status, best, n_steps, _m, mfu_known = t
         if status != "error":
             rows += _step_rows(trial_id, optimizer, lr, status, best, n_steps, mfu_known)
-    return pa.Table.from_pylist(rows, schema=metrics.STEP_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=results.STEP_SCHEMA)
 
 
 def _write_sweep(folder: Path, trials: bool = True, steps: bool = True, specs=TRIALS) -> Path:
     meta = {"sweep": {"name": "lr-sweep-test"}, "config": {"max_steps": 60}}
     if trials:
-        table = pa.Table.from_pylist([_trial_row(*t) for t in specs], schema=metrics.TRIAL_SCHEMA)
-        metrics.write_parquet_atomic(metrics.with_metadata(table, meta), folder / "trials.parquet")
+        table = pa.Table.from_pylist([_trial_row(*t) for t in specs], schema=results.TRIAL_SCHEMA)
+        _write(results.with_metadata(table, meta), folder / "trials.parquet")
     if steps:
-        table = metrics.with_metadata(_all_steps(specs), meta)
-        metrics.write_parquet_atomic(table, folder / "steps.parquet")
+        _write_steps(folder, results.with_metadata(_all_steps(specs), meta))
     return folder
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _write_steps(folder: Path, table: pa.Table) -> None:
+    """Step rows as the trainer leaves them: per-trial Parquet parts under runs/<id>/steps/."""
+    trial_ids = sorted(set(table["trial_id"].to_pylist()))
+    for trial_id in trial_ids:
+        rows = table.filter(pa.compute.equal(table["trial_id"], trial_id))
+        run = folder / "runs" / trial_id if trial_id else folder
+        for first in range(0, len(rows), 25):  # several parts per trial, as at each report
+            chunk = rows.slice(first, 25)
+            steps = chunk["step"].to_pylist()
+            _write(chunk, run / "steps" / results.part_name(min(steps), max(steps)))
 
 
 @pytest.fixture
@@ -285,15 +302,15 @@ def test_plots_with_huge_and_missing_values(tmp_path):
         ("c", "adamw", 1e-1, "diverged", math.inf, 10, None, True),
         ("d", "sgd", 1e-1, "diverged", math.nan, 10, None, False),  # only diverged points
     ]
-    trials = pa.Table.from_pylist([_trial_row(*t) for t in specs], schema=metrics.TRIAL_SCHEMA)
+    trials = pa.Table.from_pylist([_trial_row(*t) for t in specs], schema=results.TRIAL_SCHEMA)
     _assert_png(report.plot_lr_sensitivity(trials, tmp_path / "lr.png", "huge"))
     _assert_png(report.plot_loss_curves(_all_steps(specs), tmp_path / "loss.png", "huge"))
 
 
 def test_empty_tables(tmp_path):
     folder = tmp_path / "fresh"
-    metrics.write_parquet_atomic(metrics.TRIAL_SCHEMA.empty_table(), folder / "trials.parquet")
-    metrics.write_parquet_atomic(metrics.STEP_SCHEMA.empty_table(), folder / "steps.parquet")
+    _write(results.TRIAL_SCHEMA.empty_table(), folder / "trials.parquet")
+    _write(results.STEP_SCHEMA.empty_table(), folder / "steps" / results.part_name(0, 0))
     text, pngs = report.render(folder)
     assert "no trials yet" in text
     assert pngs == []
@@ -305,9 +322,9 @@ def test_empty_tables(tmp_path):
 def test_train_run_folder_with_only_steps(tmp_path):
     folder = tmp_path / "shakespeare-run"
     rows = _step_rows("", "adamw", 6e-4, "completed", 1.5, 40, False, run="shakespeare-run")
-    table = pa.Table.from_pylist(rows, schema=metrics.STEP_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=results.STEP_SCHEMA)
     meta = {"config": {"name": "shakespeare-run", "max_steps": 40, "divergence_factor": 3.0}}
-    metrics.write_parquet_atomic(metrics.with_metadata(table, meta), folder / "steps.parquet")
+    _write_steps(folder, results.with_metadata(table, meta))
 
     trials, steps, metadata = report.load(folder)
     assert len(trials) == 1 and len(steps) == 40
@@ -326,7 +343,7 @@ def test_train_run_folder_with_only_steps(tmp_path):
 def test_derived_trials_flag_divergence_and_running(tmp_path):
     rows = _step_rows("x", "sgd", 1.0, "diverged", None, 12, False)
     rows += _step_rows("y", "sgd", 0.1, "running", 1.9, 25, False)
-    table = pa.Table.from_pylist(rows, schema=metrics.STEP_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=results.STEP_SCHEMA)
     derived = {
         r["trial_id"]: r
         for r in report.derive_trials(table, {"config": {"max_steps": 60}}).to_pylist()
@@ -356,7 +373,7 @@ def test_load_errors_name_the_folder(tmp_path):
     with pytest.raises(UserError, match=r"no such folder: .*nowhere.*<storage>/<name>"):
         report.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"no trials.parquet or steps.parquet in .*empty"):
+    with pytest.raises(UserError, match=r"no trials.parquet or step parts in .*empty"):
         report.load(tmp_path / "empty")
 
 

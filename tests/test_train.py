@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from conftest import step_metadata, step_rows, tiny_config
 
 from raygpt import train
 from raygpt.loop import FAIL_AT_ENV
@@ -19,8 +18,7 @@ SHORT = dict(max_steps=12, lr_decay_steps=12, eval_interval=6, warmup_steps=2)
 
 
 def _losses(run_dir) -> dict[int, float]:
-    table = pq.read_table(run_dir / "steps.parquet").to_pylist()
-    return {row["step"]: row["train_loss"] for row in table}
+    return {row["step"]: row["train_loss"] for row in step_rows(run_dir)}
 
 
 def _assert_same_losses(a: dict[int, float], b: dict[int, float], tol: float) -> None:
@@ -47,17 +45,21 @@ def test_loss_falls_and_results_are_written(ray_cluster, storage):
     cfg = tiny_config(storage, name="falls", max_steps=60, eval_interval=20)
     summary = train.run(cfg)
     run_dir = storage / "falls"
-    rows = pq.read_table(run_dir / "steps.parquet").to_pylist()
+    rows = step_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 61))
+    # One immutable part per report (evals at 20, 40, 60), never one rewritten file.
+    assert sorted(p.name for p in (run_dir / "steps").iterdir()) == [
+        "part-000000001-000000020.parquet",
+        "part-000000021-000000040.parquet",
+        "part-000000041-000000060.parquet",
+    ]
     evals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert len(evals) == 3
     assert evals[-1] < evals[0] < rows[0]["train_loss"] - 0.5, evals
     assert math.log(96) - 0.5 < rows[0]["train_loss"] < math.log(96) + 0.5
     assert summary["val_loss"] == pytest.approx(evals[-1])
     assert all(r["tokens_per_sec"] > 0 and r["mfu"] is None for r in rows)  # CPU: no MFU
-    from raygpt.metrics import read_metadata
-
-    meta = read_metadata(run_dir / "steps.parquet")
+    meta = step_metadata(run_dir)
     assert meta["config"]["learning_rate"] == 3e-3
     assert meta["environment"]["torch"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
