@@ -28,6 +28,12 @@ Checks (all in-process, no Ray, `--threads` torch threads, default 1):
             the SAME estimators: `whole` (every val token, windows tiled at offsets
             0/16/32/48), `rand20` (nanoGPT's estimator: 20 random batches; mean and
             std over --repeats draws) and, for the raygpt runner, raygpt's eval set.
+            (The nanoGPT runner also estimates at --stop-at/max_steps when that is
+            not a multiple of eval_interval; train.py would not.)
+  replay    one trained model (--checkpoint: nanoGPT's ckpt.pt, or a file from
+            train --save-dir) scored on exactly the val windows that train.py's
+            final eval draws for --seeds, vs --null-seeds other seeds and the whole
+            split: is a low printed val loss a better model or a lucky draw?
 
 The recipe is experiments/shakespeare_char_cpu.toml (= nanoGPT's README CPU command:
 config/train_shakespeare_char.py --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
@@ -39,6 +45,8 @@ Examples:
     python benchmarks/nanogpt_parity.py data init optim sampler --data-file tinyshakespeare.txt
     python benchmarks/nanogpt_parity.py lockstep --steps 50 --swap model
     python benchmarks/nanogpt_parity.py train --runner nanogpt,raygpt --seeds 1337 --json out.json
+    python benchmarks/nanogpt_parity.py replay --checkpoint out-shakespeare-char/ckpt.pt \
+        --seeds 1337,1,2,3
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ sys.path.insert(0, str(REPO))  # raygpt, when run from a checkout without instal
 
 DEFAULT_EXPERIMENT = REPO / "experiments" / "shakespeare_char_cpu.toml"
 DEFAULT_NANOGPT = Path("/work/shared/reference/nanoGPT")
-CHECKS = ("data", "init", "optim", "sampler", "lockstep", "train")
+CHECKS = ("data", "init", "optim", "sampler", "lockstep", "train", "replay")
 RUNNERS = ("nanogpt", "raygpt")
 SWAPPABLE = ("model", "optim", "lr")
 LR_STEPS = (0, 1, 99, 100, 101, 1000, 1999, 2000)
@@ -477,7 +485,7 @@ def train_nanogpt(ctx: Ctx, model_kind: str, args) -> dict:
         lr = nanogpt_get_lr(it, cfg) if cfg.decay_lr else cfg.learning_rate
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if it % cfg.eval_interval == 0:
+        if it % cfg.eval_interval == 0 or it == stop:  # train.py: only the former
             evals[it] = estimate_loss()
             print(f"  [nanogpt/{model_kind} seed {cfg.seed}] step {it}: {evals[it]}", flush=True)
         if it == stop:
@@ -549,6 +557,11 @@ def check_train(ctx_factory, args) -> dict:
             fn = train_nanogpt if runner == "nanogpt" else train_raygpt
             out = fn(ctx, model_kind, args)
             model = out.pop("model")
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                saved = Path(args.save_dir) / f"{runner}-{model_kind}-seed{seed}.pt"
+                torch.save(model.state_dict(), saved)
+                out["saved"] = str(saved)
             reps = random20(
                 model, ctx.val, cfg.block_size, cfg.batch_size, cfg.eval_iters, args.repeats
             )
@@ -591,6 +604,65 @@ def check_train(ctx_factory, args) -> dict:
     return {"rows": rows}
 
 
+# --------------------------------------------------------------------------- replay
+
+
+def nanogpt_eval_windows(ctx: Ctx, seed: int, at_step: int) -> np.ndarray:
+    """The val window starts nanoGPT's train.py draws for its eval at iter `at_step`
+    (a multiple of eval_interval) with torch.manual_seed(seed): the global RNG replayed
+    through model init, the first batch, one batch per iter and the earlier evals."""
+    cfg = ctx.cfg
+    T, B = cfg.block_size, cfg.batch_size
+    n_train, n_val = len(ctx.train) - T, len(ctx.val) - T
+    torch.manual_seed(seed)
+    ctx.build("nanogpt")  # init consumes the RNG
+    torch.randint(n_train, (B,))  # X, Y = get_batch('train') before the loop
+    for it in range(at_step):
+        if it % cfg.eval_interval == 0:
+            for n in (n_train, n_val):
+                for _ in range(cfg.eval_iters):
+                    torch.randint(n, (B,))
+        torch.randint(n_train, (B,))
+    for _ in range(cfg.eval_iters):  # estimate_loss: the train split first
+        torch.randint(n_train, (B,))
+    return torch.cat([torch.randint(n_val, (B,)) for _ in range(cfg.eval_iters)]).numpy()
+
+
+def check_replay(ctx: Ctx, args) -> dict:
+    """Score one trained model on the val windows nanoGPT's step-max_steps eval drew for
+    --seeds, against the same estimator for --null-seeds other seeds and the whole split:
+    tells a lucky 20-batch draw from a better model."""
+    if not args.checkpoint:
+        raise SystemExit("error: replay needs --checkpoint (nanoGPT ckpt.pt or train --save-dir)")
+    cfg = ctx.cfg
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state = state.get("model", state)  # nanoGPT's ckpt.pt keeps it under "model"
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    model = ctx.build(args.model or "nanogpt")
+    model.load_state_dict(state)
+    model.eval()
+    T, B = cfg.block_size, cfg.batch_size
+
+    @torch.no_grad()
+    def score(starts: np.ndarray) -> float:
+        return statistics.fmean(
+            model(*windows(ctx.val, starts[i : i + B], T))[1].item()
+            for i in range(0, len(starts), B)
+        )
+
+    whole = whole_split_loss(model, ctx.val, T)
+    at = cfg.max_steps - cfg.max_steps % cfg.eval_interval
+    named = {int(s): score(nanogpt_eval_windows(ctx, int(s), at)) for s in args.seeds.split(",")}
+    null_seeds = range(10_000, 10_000 + args.null_seeds)
+    null = [score(nanogpt_eval_windows(ctx, s, at)) for s in null_seeds]
+    mu, sd = statistics.fmean(null), statistics.pstdev(null)
+    print(f"== replay: {args.checkpoint}, val windows of nanoGPT's step-{at} eval")
+    print(f"  whole split {whole:.4f}; {len(null)} other seeds: {mu:.4f} ± {sd:.4f}")
+    for s, v in named.items():
+        print(f"  seed {s:>6}: {v:.4f}  ({(v - mu) / sd:+.2f} sd)")
+    return {"whole": whole, "at_step": at, "named": named, "null_mean": mu, "null_std": sd}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -629,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         default="raygpt",
         help="train, raygpt runner: BatchSampler or torch.randint windows",
     )
-    p.add_argument("--seeds", default="1337", help="train: comma-separated seeds")
+    p.add_argument("--seeds", default="1337", help="train, replay: comma-separated seeds")
     p.add_argument("--repeats", type=int, default=20, help="train: rand20 draws per model")
     p.add_argument("--trace", type=int, default=0, help="train: print the first N step losses")
     p.add_argument(
@@ -638,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="train: stop after N updates, keeping max_steps' schedule (debugging)",
     )
+    p.add_argument("--save-dir", default=None, help="train: save each final model here")
+    p.add_argument("--checkpoint", default=None, help="replay: a nanoGPT ckpt.pt or saved model")
+    p.add_argument("--null-seeds", type=int, default=40, help="replay: seeds for the null")
     p.add_argument("--json", default=None, help="write all results here")
     a = p.parse_args(argv)
     bad = [s for s in a.swap.split(",") if s and s not in SWAPPABLE]

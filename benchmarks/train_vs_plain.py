@@ -41,7 +41,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EXPERIMENT = REPO / "experiments" / "shakespeare_char_cpu.toml"
-TARGET_VAL_LOSS = 1.89
+# nanoGPT's own recipe scored on the whole val split: 1.900 +- 0.008 over seeds 1337/1/2/3
+# (benchmarks/nanogpt_parity.py train); its printed 1.886 is a lucky 20-batch draw (+-0.012).
+TARGET_VAL_LOSS = 1.91
 TARGET_RATIO = 1.25
 
 

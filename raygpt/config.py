@@ -50,7 +50,9 @@ class TrainConfig:
     # which the cluster files set, else ~/ray_results.
     storage_path: str = dataclasses.field(default_factory=lambda: default_storage_path())
     num_workers: int = 1  # DDP ranks, one Ray Train worker each
-    cpus_per_worker: float = 1.0
+    # None: what the node can give, cores / workers on it (a sweep's trials: 1 each), so
+    # torch uses every core; Ray sets each worker's OMP_NUM_THREADS to this.
+    cpus_per_worker: float | None = None
     use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
     placement_strategy: str = (
         "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers on nodes)
@@ -153,7 +155,9 @@ class TrainConfig:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
             )
-        _check_positive(self, "learning_rate", "num_workers", "cpus_per_worker", "n_layer")
+        _check_positive(self, "learning_rate", "num_workers", "n_layer")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise UserError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         _check_positive(self, "n_head", "n_embd", "block_size", "batch_size", "max_steps")
         _check_positive(self, "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:

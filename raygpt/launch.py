@@ -159,6 +159,23 @@ def _bundles_per_node(cpus_per_worker: float, gpus_per_worker: float) -> list[in
     ]
 
 
+def auto_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
+    """CPUs a worker gets when --cpus-per-worker is not given: its node's cores divided by
+    the workers that land there (a GPU node hosts one worker per GPU), at least 1.
+
+    Ray sets a worker's OMP_NUM_THREADS to its CPU count, so 1 CPU would mean one torch
+    thread on a machine with many idle cores.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if use_gpu:
+        shares = [r["CPU"] // r["GPU"] for r in nodes if r.get("GPU")]
+        return float(max(1, min(shares, default=1)))
+    if not nodes:
+        return 1.0
+    per_node = -(-num_workers // len(nodes))  # ceil: workers spread over the CPU nodes
+    return float(max(1, min(r["CPU"] for r in nodes) // per_node))
+
+
 def trials_that_fit(workers_per_trial: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
     """Trials whose worker groups the cluster can run at once (at least 1)."""
     return max(1, sum(_bundles_per_node(cpus_per_worker, gpus_per_worker)) // workers_per_trial)

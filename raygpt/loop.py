@@ -192,6 +192,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_path = context.get_storage().experiment_fs_path
     tensorboard_path = outputs.get("tensorboard_path") or f"{run_path}/{results.TENSORBOARD_DIR}"
 
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; say it explicitly (fractions -> 1).
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
     torch.manual_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -243,13 +246,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens_per_step = cfg.resolved_tokens_per_step
     ckpt_interval = cfg.resolved_checkpoint_interval
 
+    # DDP first, then compile (PyTorch's compiled-DDP recipe): the compiler's DDP
+    # optimizer splits the graph at gradient-bucket boundaries, so each bucket's
+    # all-reduce overlaps the rest of the backward pass; compiling inside DDP would
+    # leave one opaque backward whose gradients are all reduced at its end.
+    # gradient_as_bucket_view: gradients live in the buckets, with no copy in between.
     train_model: torch.nn.Module = model
-    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
-        train_model = torch.compile(model)
+    ddp: DistributedDataParallel | None = None
     if world_size > 1:
-        train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
         )
+        train_model = ddp
+    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
+        train_model = torch.compile(train_model)
 
     # Rank 0 writes the rows since the last report as one Parquet part (and one
     # TensorBoard file) before each report: a lost report or a killed driver loses no row.
@@ -278,7 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # All-reduce gradients only on the last micro-step: the others accumulate locally.
             sync = micro_step == grad_accum - 1 or world_size == 1
-            with contextlib.nullcontext() if sync else train_model.no_sync(), autocast:
+            with contextlib.nullcontext() if sync else ddp.no_sync(), autocast:
                 _, loss = train_model(x, y)
                 loss = loss / grad_accum
             scaler.scale(loss).backward()

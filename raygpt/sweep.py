@@ -526,6 +526,9 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     cluster = launch.connect(sweep.address)
     use_gpu = launch.resolve_use_gpu(sweep.use_gpu)
     gpus = 1 if use_gpu else 0
+    if train.cpus_per_worker is None:
+        # Trials share the cores: one each keeps as many trials running as there are cores.
+        train = TrainConfig.from_dict(train.to_dict() | {"cpus_per_worker": 1.0})
     launch.check_fits(sweep.workers_per_trial, train.cpus_per_worker, gpus, what="each trial")
     concurrent = launch.trials_that_fit(sweep.workers_per_trial, train.cpus_per_worker, gpus)
     if sweep.max_concurrent_trials is not None:

@@ -35,6 +35,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     cluster = launch.connect(cfg.address)
     use_gpu = launch.resolve_use_gpu(cfg.use_gpu)
+    if cfg.cpus_per_worker is None:
+        cfg = dataclasses.replace(
+            cfg, cpus_per_worker=launch.auto_cpus_per_worker(cfg.num_workers, use_gpu)
+        )
     launch.check_fits(cfg.num_workers, cfg.cpus_per_worker, 1 if use_gpu else 0)
     storage.preflight(store)  # every node sees the storage, or one line names the node
     ray_ready = time.perf_counter()
@@ -53,7 +57,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     )
     where = store.display(run_path)
     print(
-        f"[raygpt] run {name}: {cfg.num_workers} worker(s), {cfg.optimizer} lr={cfg.learning_rate:g}, "
+        f"[raygpt] run {name}: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU, "
+        f"{cfg.optimizer} lr={cfg.learning_rate:g}, "
         f"{cfg.max_steps} steps -> {where}",
         flush=True,
     )
@@ -73,6 +78,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "val_loss": final.get("val_loss"),
         "best_val_loss": final.get("best_val_loss"),
         "diverged": final.get("diverged", False),
+        "cpus_per_worker": cfg.cpus_per_worker,
         "ray_startup_seconds": round(ray_ready - started, 2),
         "wall_seconds": round(finished - started, 2),
         "training_seconds": round(finished - ray_ready, 2),

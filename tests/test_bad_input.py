@@ -198,6 +198,8 @@ def train_tiny_run(world: World) -> Path:
         TRAIN_TIMEOUT_S,
     )
     run_dir = world.run_storage / RUN_NAME
+    # --address local: a private cluster, whatever runs on the machine.
+    assert "started a private Ray cluster on this machine: 1 node(s)" in out, out[-2000:]
     if code != 0 or checkpoint.latest_in_run(run_dir) is None:
         raise RuntimeError(
             f"the tiny training run failed (exit {code}):\n{out[-2000:]}\n{err[-3000:]}"

@@ -48,13 +48,11 @@ def _env(data_dir: Path) -> dict[str, str]:
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    # SIGKILL to the whole group (ray start and the raylet, GCS... it started): SIGTERM
+    # would make the node drain for 30 s first.
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _recorded_address() -> str:
@@ -123,16 +121,6 @@ def test_train_joins_the_running_cluster_by_default(head, tmp_path):
     assert f"joined the Ray cluster at {address}" in out.stdout, out.stdout[-2000:]
     assert "1 node(s), 2 CPU, 0 GPU" in out.stdout
     assert [r["step"] for r in step_rows(storage / "joined")] == list(range(1, 21))
-
-    # --address local still starts a private cluster beside it.
-    private = subprocess.run(
-        [sys.executable, "-m", "raygpt.train", *TINY, "--max-steps", "10", "--name", "private",
-         "--storage-path", str(storage), "--address", "local"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert private.returncode == 0, private.stderr[-3000:]
-    assert "started a private Ray cluster on this machine" in private.stdout
-    assert "joined" not in private.stdout
 
 
 def test_ray_job_submit_runs_train_and_sweep(head, tmp_path):
