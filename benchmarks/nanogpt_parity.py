@@ -68,6 +68,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # raygpt, when run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # val_loss_spread, beside this file
 
 DEFAULT_EXPERIMENT = REPO / "experiments" / "shakespeare_char_cpu.toml"
 DEFAULT_NANOGPT = Path("/work/shared/reference/nanoGPT")
@@ -194,25 +195,18 @@ def windows(tokens: np.ndarray, starts, block_size: int) -> tuple[torch.Tensor, 
 # --------------------------------------------------------------------------- estimators
 
 
-@torch.no_grad()
 def whole_split_loss(model, tokens: np.ndarray, block_size: int) -> float:
     """Mean next-token loss over the whole split, windows tiled at each of WHOLE_OFFSETS
-    (every context length 0..block_size-1 equally often, like random windows)."""
+    (every context length 0..block_size-1 equally often, like random windows); the
+    estimator of val_loss_spread.py, in eval mode."""
+    from val_loss_spread import whole_split_loss as tiled
+
     was_training = model.training
     model.eval()
-    means = []
-    for offset in WHOLE_OFFSETS:
-        n = (len(tokens) - 1 - offset) // block_size
-        x = torch.from_numpy(tokens[offset : offset + n * block_size].astype(np.int64))
-        y = torch.from_numpy(tokens[offset + 1 : offset + 1 + n * block_size].astype(np.int64))
-        x, y = x.view(n, block_size), y.view(n, block_size)
-        total = 0.0
-        for i in range(0, n, 256):
-            _, loss = model(x[i : i + 256], y[i : i + 256])
-            total += loss.item() * len(x[i : i + 256])
-        means.append(total / n)
-    model.train(was_training)
-    return statistics.fmean(means)
+    try:
+        return tiled(model, tokens, block_size, offsets=WHOLE_OFFSETS)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -111,14 +111,14 @@ def test_two_nodes_ddp_equals_one_node_and_sweep_writes_to_s3(s3_storage, data_d
     assert {"trials.parquet", "sweep.json", "lr_sensitivity.png", "loss_curves.png"} <= set(files)
     store = storage.resolve(_run_uri(s3_storage, "sweep"), check=False)
     trials = results.read_table(store, f"{store.root}/trials.parquet").to_pylist()
-    assert len(trials) == 2 and all(t["steps"] == 20 for t in trials)
+    assert len(trials) == 2 and all(t["steps"] == 10 for t in trials)
     for trial in trials:
         tid = trial["trial_id"]
         assert any(f.startswith(f"runs/{tid}/steps/part-") for f in files), files
         assert any(f.startswith(f"runs/{tid}/checkpoint_") for f in files), files
         assert any(f.startswith(f"tensorboard/{tid}/events.out.tfevents") for f in files)
     rows = step_rows(_run_uri(s3_storage, "sweep"))
-    assert len(rows) == 40 and len({(r["trial_id"], r["step"]) for r in rows}) == 40
+    assert len(rows) == 20 and len({(r["trial_id"], r["step"]) for r in rows}) == 20
 
 
 def _bad_storage_cases(endpoint: str, auth_endpoint: str) -> dict[str, tuple[str, dict, list]]:

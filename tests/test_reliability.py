@@ -25,7 +25,7 @@ TINY = [
 ]  # fmt: skip
 
 
-KILLED_STEPS = 200  # per trial of the killed-driver sweep
+KILLED_STEPS = 120  # per trial of the killed-driver sweep
 
 
 def _env(data_dir: Path) -> dict[str, str]:

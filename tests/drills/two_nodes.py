@@ -25,7 +25,7 @@ SHORT = dict(
 )  # fmt: skip
 SWEEP = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-    "--batch-size", "8", "--max-steps", "20", "--eval-interval", "10", "--eval-iters", "2",
+    "--batch-size", "8", "--max-steps", "10", "--eval-interval", "5", "--eval-iters", "2",
     "--warmup-steps", "2", "--log-interval", "100", "--compile", "false",
     "--optimizers", "adamw", "--search", "grid", "--grid-points", "2",
     "--scheduler", "fifo", "--max-concurrent-trials", "2",
