@@ -1,7 +1,8 @@
 """Training state on disk: save, load, and find the latest of a run.
 
 A checkpoint is a directory with one `state.pt`: model, optimizer and scaler
-state, the step, RNG states, the run config and the data's vocabulary. It is
+state, the step, the run config and the data's vocabulary. (No RNG state: the
+loop seeds every step from (seed, rank, step), so a resumed run draws the same.) It is
 written to a temporary name and renamed (a crash never leaves half a file), handed
 to Ray Train, which copies it to the run folder on the storage (local, NFS or an
 object store), and read back with `torch.load(weights_only=True)`, which unpickles
@@ -24,6 +25,7 @@ import torch
 
 from raygpt.errors import UserError
 from raygpt.storage import Storage
+from raygpt.storage import resolve as storage_resolve
 
 STATE_FILE = "state.pt"
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -52,10 +54,10 @@ def load(
 ) -> dict[str, Any]:
     """Read a checkpoint folder (or its state.pt) on `storage` (default: the local disk).
 
-    Tensors land on the CPU whatever device saved them: the caller moves the
-    model and optimizer state where they belong, and RNG states must stay on
-    the CPU (torch.set_rng_state takes only CPU byte tensors). A damaged file
-    is one clear line.
+    Tensors land on the CPU whatever device saved them, and the caller moves the
+    model and optimizer state where they belong: a GPU-sized copy of the state
+    does not linger on the device for the rest of the run. A damaged file is one
+    clear line.
     """
     storage = storage if storage is not None else _local(location)
     path = str(location)
@@ -134,12 +136,10 @@ def latest_in_run(run: str | Path, storage: Storage | None = None) -> str | None
 def resolve(path_or_run: str, storage_path: str = "~/ray_results") -> tuple[Storage, str]:
     """(storage, checkpoint folder) from a checkpoint folder, a state.pt, a run folder or a
     run name under storage_path; local paths and s3:// or gs:// URIs alike."""
-    from raygpt import storage as storage_mod
-
     tried = []
-    candidates = [storage_mod.resolve(str(path_or_run), check=False)]
+    candidates = [storage_resolve(str(path_or_run), check=False)]
     if "://" not in str(path_or_run):
-        under = storage_mod.resolve(str(storage_path), check=False)
+        under = storage_resolve(str(storage_path), check=False)
         candidates.append(under.at(under.path(str(path_or_run))))
     for store in candidates:
         tried.append(store.display())

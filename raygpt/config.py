@@ -48,15 +48,14 @@ class TrainConfig:
     # A local path, an NFS mount, or s3://BUCKET/PATH / gs://BUCKET/PATH (an S3-compatible
     # server: s3://BUCKET/PATH?endpoint_override=HOST:PORT). Default: $RAYGPT_STORAGE_PATH,
     # which the cluster files set, else ~/ray_results.
-    storage_path: str = dataclasses.field(default_factory=lambda: default_storage_path())
+    storage_path: str = dataclasses.field(default_factory=default_storage_path)
     num_workers: int = 1  # DDP ranks, one Ray Train worker each
     # None: what the node can give, cores / workers on it (a sweep's trials: 1 each), so
     # torch uses every core; Ray sets each worker's OMP_NUM_THREADS to this.
     cpus_per_worker: float | None = None
     use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
-    placement_strategy: str = (
-        "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers on nodes)
-    )
+    # How workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
+    placement_strategy: str = "PACK"
     # Default: the running cluster (RAY_ADDRESS, or the one `ray start` runs here), else a
     # private one; "local" always starts a private one; or "host:port" / "auto".
     address: str | None = None

@@ -62,36 +62,25 @@ def load(where: str | Path | Storage) -> tuple[pa.Table | None, pa.Table | None,
     store = folder_storage(where)
     hint = "give a sweep or run folder (<storage>/<name>) that holds trials.parquet or steps/"
     shown = store.display()
+    metadata: dict[str, Any] = {}
     try:
-        is_dir = store.is_dir(store.root)
-        if not is_dir:
+        if not store.is_dir(store.root):
             raise UserError(f"no such folder: {shown}; {hint}")
-        metadata: dict[str, Any] = {}
         steps, steps_meta = results.read_steps(store, store.root)
         metadata.update(steps_meta)
         trials = results.read_table(store, f"{store.root}/{results.TRIALS_FILE}")
+        if trials is not None:
+            metadata.update(results.decode_metadata(trials.schema))
+            trials = results.conform(trials, results.TRIAL_SCHEMA)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise UserError(f"cannot read {shown}: {str(err).splitlines()[0]}") from None
     if trials is None and steps is None:
         raise UserError(f"no {results.TRIALS_FILE} or step parts in {shown} (yet?); {hint}")
-    if trials is not None:
-        metadata.update(results.decode_metadata(trials.schema))
-        trials = _conform(trials, results.TRIAL_SCHEMA)
-    else:
+    metadata["has_trials_file"] = trials is not None
+    if trials is None:
         trials = derive_trials(steps, metadata)
     metadata["name"] = _name(metadata, store.root)
-    metadata["has_trials_file"] = trials is not None and store.exists(
-        f"{store.root}/{results.TRIALS_FILE}"
-    )
     return trials, steps, metadata
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Tolerate files from an older or newer writer: add missing columns as nulls."""
-    for field in schema:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(len(table), field.type))
-    return table
 
 
 def _name(metadata: dict[str, Any], root: str) -> str:

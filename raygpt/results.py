@@ -224,7 +224,7 @@ def read_steps(storage: Storage, folder: str) -> tuple[pa.Table | None, dict[str
     legacy = read_table(storage, f"{folder}/{LEGACY_STEPS_FILE}")
     if legacy is not None:
         metadata.update(decode_metadata(legacy.schema))
-        tables.append(_conform(legacy))
+        tables.append(conform(legacy, STEP_SCHEMA))
     paths = step_part_paths(storage, folder)
     if paths:
         import pyarrow.dataset as ds
@@ -238,15 +238,16 @@ def read_steps(storage: Storage, folder: str) -> tuple[pa.Table | None, dict[str
     return dedupe_steps(table), metadata
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    """A table from an older or newer writer, with STEP_SCHEMA's columns in order."""
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table from an older or newer writer with `schema`'s columns, in order: missing
+    ones as nulls, extra ones dropped."""
     columns = []
-    for field in STEP_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             columns.append(table[field.name].cast(field.type))
         else:
             columns.append(pa.nulls(len(table), field.type))
-    return pa.Table.from_arrays(columns, schema=STEP_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def dedupe_steps(table: pa.Table) -> pa.Table:

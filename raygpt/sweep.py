@@ -257,8 +257,9 @@ class SweepOutputs(Callback):
     """Tune callback on the driver: trials.parquet, live, and one line per finished trial.
 
     Step rows and TensorBoard events are written by each trial's rank 0 (see
-    results.py); this callback reads a trial's rows once, when it ends, to sum
-    up its compute. trials.parquet is one small file rewritten whole (a single
+    results.py); this callback reads a trial's rows when it ends, to sum up its
+    compute, and once more at the end of the sweep, for parts a stopped
+    trial's workers wrote after Tune's decision. trials.parquet is one small file rewritten whole (a single
     PUT on object storage) every few seconds and whenever a trial ends.
 
     It is pickled with the Tuner's state; only the storage, paths and settings
