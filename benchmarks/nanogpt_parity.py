@@ -23,8 +23,10 @@ Checks (all in-process, no Ray, `--threads` torch threads, default 1):
             nanoGPT's train.py: the global torch RNG drives init, train windows and
             the 20-batch evals at every eval_interval, in train.py's order, so its
             printed val estimate reproduces `python train.py ...` on the same torch)
-            and/or --runner raygpt (the plain loop of val_loss_spread.py: BatchSampler
-            batches, raygpt optimizer and schedule). Every final model is scored with
+            and/or --runner raygpt (the real `raygpt.train` run, in this process
+            through Ray Train's local mode, scored from its final checkpoint; with
+            --model, --sampler or --trace, the plain replica loop of
+            val_loss_spread.py instead). Every final model is scored with
             the SAME estimators: `whole` (every val token, windows tiled at offsets
             0/16/32/48), `rand20` (nanoGPT's estimator: 20 random batches; mean and
             std over --repeats draws) and, for the raygpt runner, raygpt's eval set.
@@ -119,8 +121,8 @@ class Ctx:
         self.dataset_dir, self.meta = data.prepare_from_config(self.cfg)
         self.vocab_size = self.meta["vocab_size"]
         dtype = self.meta["dtype"]
-        self.train = np.fromfile(self.dataset_dir / "train.bin", dtype=dtype)
-        self.val = np.fromfile(self.dataset_dir / "val.bin", dtype=dtype)
+        self.train = np.asarray(data.read_tokens(self.dataset_dir, "train"), dtype=dtype)
+        self.val = np.asarray(data.read_tokens(self.dataset_dir, "val"), dtype=dtype)
         self.ng = load_nanogpt_model(args.nanogpt)
 
     def nanogpt_config(self):
@@ -501,8 +503,42 @@ def train_nanogpt(ctx: Ctx, model_kind: str, args) -> dict:
     }
 
 
+def train_raygpt_cli(ctx: Ctx, args) -> dict:
+    """The real command: `raygpt.train.run` (one worker, in this process through Ray
+    Train's local mode, as `python -m raygpt.train` runs on a laptop), then the model of
+    its final checkpoint."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from raygpt import checkpoint, train
+
+    storage = tempfile.mkdtemp(prefix="raygpt-parity-")
+    try:
+        cfg = dataclasses.replace(
+            ctx.cfg,
+            storage_path=storage,
+            name=f"parity-seed{ctx.cfg.seed}",
+            in_process="true",
+            cpus_per_worker=float(args.threads),
+            max_steps=args.stop_at or ctx.cfg.max_steps,
+        )
+        started = time.perf_counter()
+        summary = quiet(train.run, cfg)
+        seconds = time.perf_counter() - started
+        state = checkpoint.load(checkpoint.latest_in_run(f"{storage}/{cfg.name}"))
+        model = ctx.build("raygpt")
+        model.load_state_dict(state["model"])
+        model.eval()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    return {"model": model, "train_seconds": seconds, "eval_set": summary["val_loss"]}
+
+
 def train_raygpt(ctx: Ctx, model_kind: str, args) -> dict:
     """raygpt's loop on one rank without Ray (as val_loss_spread.py / train_vs_plain.py)."""
+    if model_kind == "raygpt" and args.sampler == "raygpt" and not args.trace:
+        return train_raygpt_cli(ctx, args)
     from raygpt import data
 
     cfg = ctx.cfg

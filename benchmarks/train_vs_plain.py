@@ -51,13 +51,14 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
     """Train in this process exactly as one Ray worker would; return times and losses."""
     from raygpt import data, loop
     from raygpt.optim import build_optimizer, lr_at, set_lr
+    from raygpt.runtime import resolve_dtype
 
     torch.set_num_threads(threads)
     data.prepare_from_config(cfg)  # cached before the clock starts, as train.run does
     started = time.perf_counter()
     device = torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    dtype = loop.resolve_dtype(cfg, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype)
         if dtype != torch.float32
@@ -72,7 +73,7 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
         "train": train_batches.eval_batches(cfg.eval_iters, cfg.batch_size, 0, 1),
     }
     model = loop.build_model(cfg, meta["vocab_size"]).to(device)
-    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     train_model = torch.compile(model) if cfg.compile == "true" else model
 
     @torch.no_grad()

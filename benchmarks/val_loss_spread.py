@@ -67,7 +67,7 @@ def train_once(cfg, sampler: str, threads: int) -> dict:
     dataset_dir, meta = data.prepare_from_config(cfg)
     torch.manual_seed(cfg.seed)
     model = loop.build_model(cfg, meta["vocab_size"])
-    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, "cpu")
+    optimizer = build_optimizer(model, cfg, "cpu")
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     train_tokens = np.asarray(train_batches.data)

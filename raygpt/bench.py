@@ -32,7 +32,8 @@ import torch
 from raygpt import data, metrics
 from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
 from raygpt.errors import UserError, exit_on_user_error
-from raygpt.sample import resolve_device
+from raygpt.runtime import Runtime, dtype_name, resolve_device, resolve_dtype, use_compile
+from raygpt.train_step import train_step
 
 # TrainConfig keys that only matter to a Ray run (or to the lr schedule, which does not
 # change the work of a step): accepted in the TOML file, not offered as flags here.
@@ -122,7 +123,7 @@ def make_batches(
     cfg: TrainConfig, n_steps: int, grad_accum: int, synthetic: bool, vocab_size: int | None
 ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], int, str]:
     """(per step: grad_accum (x, y) CPU pairs, vocab size, description): rank 0's batches."""
-    B, T = cfg.batch_size, cfg.block_size
+    B, T = cfg.micro_batch_size(), cfg.block_size
     if synthetic:
         vocab = vocab_size or (GPT2_VOCAB if _uses_gpt2(cfg) else SYNTHETIC_CHAR_VOCAB)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -147,30 +148,15 @@ def make_batches(
 # --------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def variants_for(cfg: TrainConfig, device: torch.device, compare: bool) -> list[Variant]:
-    from raygpt.loop import resolve_dtype
-
     if not compare:
-        dtype = resolve_dtype(cfg, device)
-        compiled = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-        name = _dtype_name(dtype) + (" autocast" if dtype != torch.float32 else "")
+        dtype = resolve_dtype(cfg.dtype, device)
+        compiled = use_compile(cfg.compile, device)
+        name = dtype_name(dtype) + (" autocast" if dtype != torch.float32 else "")
         return [Variant(name + (" + compile" if compiled else " eager"), dtype, compiled)]
     if device.type == "cuda":
-        half = (
-            torch.bfloat16
-            if torch.cuda.is_bf16_supported(including_emulation=False)
-            else torch.float16
-        )
-        half_name = _dtype_name(half)
+        half = resolve_dtype("auto", device)
+        half_name = dtype_name(half)
         return [
             Variant("fp32 (tf32 matmul)", torch.float32, False),
             Variant(f"{half_name} autocast", half, False),
@@ -190,44 +176,43 @@ def run_variant(
     device: torch.device,
     warmup_steps: int,
 ) -> dict[str, Any]:
-    """Train a freshly seeded model over `batches`; step times of the steps after warmup."""
+    """Train a freshly seeded model over `batches`; step times of the steps after warmup.
+
+    The step is the training loop's own (`train_step`); each is timed between device
+    synchronisations, so a step's time is all of its work."""
     from raygpt.loop import build_model
     from raygpt.optim import build_optimizer, set_lr
 
+    runtime = Runtime(device, variant.dtype, variant.compile)
+    runtime.configure()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab_size).to(device)
-    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     set_lr(optimizer, cfg.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=variant.dtype)
-        if variant.dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    train_model = torch.compile(model) if variant.compile else model
-    grad_accum = len(batches[0])
+    scaler = runtime.grad_scaler()
+    train_model = runtime.maybe_compile(model)
+    parameters = list(model.parameters())
     step_seconds, losses = [], []
     for i, step_batches in enumerate(batches):
-        _sync(device)
+        runtime.synchronize()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for x, y in step_batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, loss = train_model(x, y)
-                loss = loss / grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        on_device = [
+            (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            for x, y in step_batches
+        ]
+        loss, _ = train_step(
+            train_model,
+            parameters,
+            optimizer,
+            scaler,
+            on_device,
+            runtime.autocast,
+            cfg.grad_clip,
+        )
+        runtime.synchronize()
         if i >= warmup_steps:
             step_seconds.append(time.perf_counter() - start)
-        losses.append(loss_sum)
+        losses.append(loss)
     return {
         "step_seconds": step_seconds,
         "final_loss": losses[-1].item(),
@@ -299,21 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     _check_bench_args(bench)
     cfg = load_train_config(experiment, args)
     device = resolve_device(bench["device"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop does
-        torch.backends.cudnn.allow_tf32 = True
     grad_accum = cfg.grad_accum_steps()
     warmup, timed = bench["warmup_steps"], bench["bench_steps"]
     batches, vocab_size, source = make_batches(
         cfg, warmup + timed, grad_accum, bench["synthetic"], bench["vocab_size"]
     )
-    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum
+    tokens_per_step = cfg.micro_batch_size() * cfg.block_size * grad_accum
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = metrics.peak_flops(device_name, cfg.peak_tflops)
     print(
         f"[raygpt] bench on {device_name or device.type} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads): n_layer={cfg.n_layer} n_head={cfg.n_head} "
-        f"n_embd={cfg.n_embd} block_size={cfg.block_size}, {cfg.batch_size} x {grad_accum} "
+        f"n_embd={cfg.n_embd} block_size={cfg.block_size}, {cfg.micro_batch_size()} x {grad_accum} "
         f"sequences = {tokens_per_step:,} tokens/step, {cfg.optimizer}; {source}; "
         f"{warmup} warmup + {timed} timed steps",
         flush=True,
@@ -340,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "variant": variant.name,
-                "dtype": _dtype_name(variant.dtype),
+                "dtype": dtype_name(variant.dtype),
                 "compile": variant.compile,
                 "ms_per_step": median * 1000,
                 "min_ms": min(result["step_seconds"]) * 1000,

@@ -25,7 +25,20 @@ from typing import Any
 
 from raygpt.errors import UserError
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adagrad")
+OPTIMIZERS = (
+    "adamw",
+    "adam",
+    "sgd",
+    "momentum",
+    "adagrad",
+    "muon",
+    "lion",
+    "adamw_schedulefree",
+)
+# Optimizers that average their iterates instead of decaying the lr: the lr schedule
+# gives them warmup, then the peak rate (see lr_schedule.py).
+SCHEDULE_FREE_OPTIMIZERS = ("adamw_schedulefree",)
+LR_SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRI_STATE = ("auto", "true", "false")
 UPLOAD_MODES = ("async", "sync")
@@ -56,6 +69,11 @@ class TrainConfig:
     use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
     # How workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
     placement_strategy: str = "PACK"
+    # Run the one worker inside this process (Ray Train's local mode): no Ray cluster and
+    # no worker process to start. auto: when the run has one worker and no cluster is
+    # running or named (a laptop run). A raised error then restarts from the latest
+    # checkpoint as a worker group would; a killed process needs --resume.
+    in_process: str = "auto"
     # Default: the running cluster (RAY_ADDRESS, or the one `ray start` runs here), else a
     # private one; "local" always starts a private one; or "host:port" / "auto".
     address: str | None = None
@@ -68,6 +86,10 @@ class TrainConfig:
     data_file: str | None = None  # any local UTF-8 text; overrides dataset
     tokenizer: str = "char"  # char | gpt2 (for data_file)
     data_dir: str | None = None  # cache of prepared datasets
+    # A prepared dataset used as it is: a folder with manifest.json (python -m raygpt.data
+    # prepare), llm.c/modded-nanogpt shards, or nanoGPT's train.bin/val.bin; a local path
+    # or s3://, gs://. Overrides dataset and data_file.
+    dataset_dir: str | None = None
 
     # --- model (GPT-2 architecture)
     init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | path to HF weights
@@ -87,13 +109,25 @@ class TrainConfig:
     beta2: float = 0.99
     momentum: float = 0.9  # for optimizer = momentum
     nesterov: bool = False
+    # muon: learning_rate is the hidden matrices' (Newton-Schulz) rate; embeddings, head
+    # and 1-D parameters use AdamW at learning_rate x muon_adamw_lr_scale.
+    muon_momentum: float = 0.95  # modded-nanogpt's; Nesterov is always on
+    muon_adamw_lr_scale: float = 0.1
     warmup_steps: int = 100
+    # cosine: nanoGPT's decay from the peak to min_lr at lr_decay_steps. wsd: warmup, the
+    # peak rate, then a 1-sqrt decay to min_lr over the last decay_fraction of
+    # lr_decay_steps. Schedule-free optimizers get warmup then the peak under either.
+    lr_schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd only
     decay_lr: bool = True  # false: constant learning rate after warmup
     lr_decay_steps: int | None = None  # default: max_steps
     grad_clip: float = 1.0  # 0 disables clipping; the pre-clip norm is always reported
 
     # --- batch and length
-    batch_size: int = 12  # micro-batch, sequences per worker per forward pass
+    # Micro-batch, sequences per worker per forward pass. With tokens_per_step it is an
+    # upper bound: the largest micro-batch <= batch_size that divides the step among the
+    # workers (micro_batch_size), so any worker count dividing the step's sequences works.
+    batch_size: int = 12
     tokens_per_step: int | None = None  # global batch; default batch_size*block_size*workers
     max_steps: int = 2000
 
@@ -132,21 +166,33 @@ class TrainConfig:
             return self.batch_size * self.block_size * self.num_workers
         return self.tokens_per_step
 
+    def micro_batch_size(self, world_size: int | None = None) -> int:
+        """The micro-batch of `world_size` workers: the largest b <= batch_size for which
+        tokens_per_step = b x block_size x world_size x grad_accum (batch_size itself
+        whenever it divides, as every config did before this rule)."""
+        world_size = self.num_workers if world_size is None else world_size
+        per_rank = self.block_size * world_size
+        total = self.resolved_tokens_per_step
+        if total % per_rank:
+            raise UserError(
+                f"tokens_per_step={total} is not a multiple of block_size x num_workers = "
+                f"{self.block_size} x {world_size} = {per_rank}; pick a multiple of {per_rank}"
+            )
+        sequences = total // per_rank  # per worker per step
+        return max(b for b in range(1, min(self.batch_size, sequences) + 1) if sequences % b == 0)
+
     def grad_accum_steps(self, world_size: int | None = None) -> int:
         """Micro-steps per optimizer step, so that every step sees tokens_per_step tokens."""
         world_size = self.num_workers if world_size is None else world_size
-        per_pass = self.batch_size * self.block_size * world_size
-        total = self.resolved_tokens_per_step
-        if total % per_pass:
-            raise UserError(
-                f"tokens_per_step={total} is not a multiple of batch_size x block_size x "
-                f"num_workers = {self.batch_size} x {self.block_size} x {world_size} = "
-                f"{per_pass}; pick a multiple of {per_pass}"
-            )
-        return total // per_pass
+        per_pass = self.micro_batch_size(world_size) * self.block_size * world_size
+        return self.resolved_tokens_per_step // per_pass
 
     def default_name(self) -> str:
-        return f"{self.dataset if self.data_file is None else Path(self.data_file).stem}-{self.optimizer}-lr{self.learning_rate:g}"
+        if self.dataset_dir is not None:
+            data = self.dataset_dir.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        else:
+            data = self.dataset if self.data_file is None else Path(self.data_file).stem
+        return f"{data}-{self.optimizer}-lr{self.learning_rate:g}"
 
     def validate(self) -> TrainConfig:
         """Check every value; raise UserError naming the first bad one."""
@@ -154,7 +200,13 @@ class TrainConfig:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
             )
-        _check_positive(self, "learning_rate", "num_workers", "n_layer")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
+        if not 0 <= self.decay_fraction <= 1:
+            raise UserError(f"decay_fraction={self.decay_fraction} must be between 0 and 1")
+        _check_positive(self, "learning_rate", "num_workers", "n_layer", "muon_adamw_lr_scale")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise UserError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         _check_positive(self, "n_head", "n_embd", "block_size", "batch_size", "max_steps")
@@ -169,7 +221,7 @@ class TrainConfig:
         for key in ("max_failures",):
             if getattr(self, key) < -1:
                 raise UserError(f"{key}={getattr(self, key)} must be >= 0 (or -1: unlimited)")
-        for key in ("beta1", "beta2"):
+        for key in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"{key}={getattr(self, key)} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
@@ -183,7 +235,7 @@ class TrainConfig:
             raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose char or gpt2")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        for key in ("use_gpu", "compile"):
+        for key in ("use_gpu", "compile", "in_process"):
             if getattr(self, key) not in TRI_STATE:
                 raise UserError(f"{key}={getattr(self, key)!r} must be auto, true or false")
         if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
@@ -211,13 +263,25 @@ class TrainConfig:
                 )
             # Absolute, because Ray workers and Tune trials run in other directories.
             self.data_file = str(Path(self.data_file).expanduser().resolve())
+        if self.dataset_dir is not None:
+            if self.data_file is not None:
+                raise UserError("give either --dataset-dir or --data-file, not both")
+            if "://" not in self.dataset_dir:
+                folder = Path(self.dataset_dir).expanduser()
+                if not folder.is_dir():
+                    raise UserError(
+                        f"dataset dir {self.dataset_dir} is not a folder; give one holding "
+                        "manifest.json, llm.c shards or nanoGPT's train.bin and val.bin"
+                    )
+                self.dataset_dir = str(folder.resolve())  # workers run in other directories
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; choose one")
         if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):
             raise UserError(
                 f"run name {self.name!r} must be a plain folder name (no '/', no leading '.')"
             )
-        self.grad_accum_steps()
+        # loop.py and bench.py run cfg.batch_size: make it the derived micro-batch.
+        self.batch_size = self.micro_batch_size()
         return self
 
     def to_dict(self) -> dict[str, Any]:

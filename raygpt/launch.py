@@ -31,7 +31,7 @@ CONTROLLER_POLL_S = "0.25"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def connect(address: str | None) -> str:
+def connect(address: str | None, dashboard: bool = True) -> str:
     """Join a Ray cluster the way `ray.init()` does, or start a private one; say which.
 
     `address` None: RAY_ADDRESS (set inside `ray job submit` jobs), else the
@@ -39,6 +39,8 @@ def connect(address: str | None) -> str:
     local cluster. "local": always a private one (the tests use it). Anything
     else ("auto", "host:port", "ray://..."): join it or fail in one line.
     Returns the line printed, which names the cluster and its size.
+    `dashboard` False starts a private cluster without the dashboard's ~300 MB of
+    processes (a batch job such as `raygpt.data prepare` has no use for it).
     """
     if ray.is_initialized():
         return describe_cluster("connected to")
@@ -48,7 +50,7 @@ def connect(address: str | None) -> str:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     target, source = _find_cluster(address)
     if target is None:
-        _start_private()
+        _start_private(dashboard)
         line = describe_cluster("started a private Ray cluster on this machine:")
     else:
         try:
@@ -101,7 +103,38 @@ def _find_cluster(address: str | None) -> tuple[str | None, str]:
     return None, "no running cluster"
 
 
-def _start_private() -> None:
+IN_PROCESS_LINE = "running in this process (Ray Train local mode): no Ray cluster to start"
+
+
+def runs_in_process(cfg: TrainConfig) -> bool:
+    """Whether the run's one worker runs in this process (`in_process`, see config.py).
+
+    auto says yes only where a worker group would buy nothing: one worker, and no
+    cluster running or named, so Ray would start a private cluster just to host one
+    process (about 20 s on a laptop, and its daemons then share the cores).
+    """
+    if cfg.in_process == "true":
+        if cfg.num_workers != 1:
+            raise UserError(
+                f"in_process=true runs one worker, but num_workers={cfg.num_workers}; "
+                "use --num-workers 1 or --in-process false"
+            )
+        return True
+    if cfg.in_process == "false" or cfg.num_workers != 1 or ray.is_initialized():
+        return False
+    target, _ = _find_cluster(cfg.address)
+    return target is None
+
+
+def in_process_use_gpu(use_gpu: str) -> bool:
+    import torch
+
+    if use_gpu == "true" and not torch.cuda.is_available():
+        raise UserError("use_gpu=true but this machine has no usable CUDA GPU; use --use-gpu auto")
+    return torch.cuda.is_available() if use_gpu == "auto" else use_gpu == "true"
+
+
+def _start_private(dashboard: bool = True) -> None:
     """One logical CPU per core: Train controllers and sweep trial actors reserve
     no CPU, so the cores go to training workers, and more concurrent workers
     than cores would only slow every trial down."""
@@ -109,7 +142,7 @@ def _start_private() -> None:
         ray.init(
             address="local",
             num_cpus=os.cpu_count() or 1,
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host=os.environ.get(DASHBOARD_HOST_ENV, "127.0.0.1"),
             log_to_driver=True,
         )
@@ -248,7 +281,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     dataset_dir, meta = data.prepare_from_config(cfg)
     check_init_from(cfg, meta["vocab_size"])
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
-    train_batches.sample_indices(0, 0, 0, cfg.batch_size, cfg.num_workers, cfg.grad_accum_steps())
+    train_batches.sample_indices(
+        0, 0, 0, cfg.micro_batch_size(), cfg.num_workers, cfg.grad_accum_steps()
+    )
     data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)  # raises if val is too short
     return dataset_dir, meta
 
@@ -290,15 +325,36 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     run_info: dict[str, Any] | None = None,
     outputs: dict[str, Any] | None = None,
+    in_process: bool = False,
 ):
     """A TorchTrainer running the single training loop with `cfg`, its run folder
     `<storage>/<name>`. `outputs` says where the loop writes what Ray does not
-    (TensorBoard); `run_info` is stamped on every step row."""
+    (TensorBoard); `run_info` is stamped on every step row. `in_process`: Ray
+    Train's local mode (`num_workers=0`), the loop runs in this process."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raygpt.loop import train_loop_per_worker
 
+    outputs = {"storage": storage, **(outputs or {})}
+    if in_process:
+        # Ray Train announces local mode at INFO on the console; the run's own line says it.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        outputs |= {
+            "in_process": True,
+            "run_path": storage.path(name),
+            "device": "cuda" if use_gpu else "cpu",
+        }
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": cfg.to_dict(),
+                "run_info": run_info or {},
+                "outputs": outputs,
+            },
+            scaling_config=ScalingConfig(num_workers=0),
+            run_config=RunConfig(name=name),
+        )
     # Each report waits for the controller's next poll of the workers (Ray's
     # default: every 2 s), so frequent evals of a small model would spend most
     # of their time blocked in ray.train.report. Ray hands this to the controller.
@@ -308,11 +364,7 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "run_info": run_info or {},
-            "outputs": {"storage": storage, **(outputs or {})},
-        },
+        train_loop_config={"train": cfg.to_dict(), "run_info": run_info or {}, "outputs": outputs},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,

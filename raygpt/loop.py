@@ -11,6 +11,11 @@ rungs are multiples of `eval_interval`, so the report that reaches a rung is
 always one with a fresh `val_loss`; a checkpoint-only report repeats the last
 one (`evaluated` false).
 
+Each step's loss and gradient norm stay on the device; they are read back, for
+all the steps since the last read, at log intervals, evaluations and reports
+(step_stats.py). The host thus never waits for the device in between, and a
+divergence is noticed at the read after it, where the run then stops.
+
 Before each report rank 0 writes the steps since the previous report as one
 Parquet part and one TensorBoard event file (results.py), so every checkpoint
 step is a part boundary and a run resumed from it rewrites the same parts.
@@ -18,7 +23,7 @@ step is a part boundary and a run resumed from it rewrites the same parts.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
 import os
@@ -36,9 +41,14 @@ from torch.nn.parallel import DistributedDataParallel
 from raygpt import checkpoint, data, metrics, results, status
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
+from raygpt.lr_schedule import lr_at
 from raygpt.model import GPT, GPTConfig
-from raygpt.optim import build_optimizer, lr_at, set_lr
+from raygpt.optim import build_optimizer, set_lr, set_optimizer_mode
+from raygpt.prefetch import BatchPrefetcher
+from raygpt.runtime import Runtime, cpu_threads_available
+from raygpt.step_stats import StepStats
 from raygpt.storage import Storage
+from raygpt.train_step import train_step
 
 # Fault injection for the reliability tests and for drills on a real cluster:
 # RAYGPT_FAIL_AT="RANK:STEP[:MODE[:OPTIMIZER]]" makes that rank fail after STEP
@@ -49,16 +59,6 @@ from raygpt.storage import Storage
 FAIL_AT_ENV = "RAYGPT_FAIL_AT"
 # What a checkpoint records about its data, to refuse resuming on other data.
 CHECKPOINT_DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
-
-
-def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    if device.type == "cuda":
-        # Emulated bf16 (V100, T4) is slower than fp16 with a GradScaler: count only native.
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float16
-    return torch.float32
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -96,28 +96,29 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     return model
 
 
-def _all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / world_size).tolist()
-
-
 @torch.no_grad()
-def evaluate(model, batches_by_split, autocast, device, world_size) -> dict[str, float]:
-    """Mean loss over fixed batches per split, averaged across ranks."""
+def evaluate(model, batches_by_split, runtime: Runtime, world_size) -> dict[str, float]:
+    """Mean loss over fixed batches per split, averaged across ranks.
+
+    Losses stay on the device until one read at the end: one wait per evaluation,
+    not one per batch."""
     model.eval()
     means = []
     for batches in batches_by_split.values():
-        losses = []
+        total = torch.zeros((), device=runtime.device)
         for x, y in batches:
-            with autocast:
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            losses.append(loss.float().item())
-        means.append(sum(losses) / len(losses))
+            with runtime.autocast():
+                _, loss = model(
+                    x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+                )
+            total += loss.float()
+        means.append(total / len(batches))
     model.train()
-    return dict(zip(batches_by_split, _all_reduce_mean(means, device, world_size), strict=True))
+    values = torch.stack(means).to(torch.float64)
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size
+    return dict(zip(batches_by_split, values.tolist(), strict=True))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -185,39 +186,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     outputs = config["outputs"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    # In-process runs (Ray Train's local mode) have no Ray storage context: the
+    # driver names the run folder, and checkpoints go there through our storage.
+    in_process = outputs.get("in_process", False)
+    if in_process:  # the driver chose, honouring use_gpu (local mode would take any GPU)
+        device = torch.device(outputs["device"])
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = ray.train.torch.get_device()
     is_main = rank == 0
     # The run folder, on whatever storage the driver resolved (local, NFS, s3://).
     run: Storage = outputs["storage"]
-    run_path = context.get_storage().experiment_fs_path
+    run_path = outputs.get("run_path") or context.get_storage().experiment_fs_path
     tensorboard_path = outputs.get("tensorboard_path") or f"{run_path}/{results.TENSORBOARD_DIR}"
 
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; say it explicitly (fractions -> 1).
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
+        threads = cfg.cpus_per_worker or cpu_threads_available()
+        torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = resolve_dtype(cfg, device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
+    runtime = Runtime.create(device, cfg.dtype, cfg.compile)
 
     dataset_dir, meta = data.prepare_from_config(cfg)
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     grad_accum = cfg.grad_accum_steps(world_size)
+    micro = cfg.micro_batch_size(world_size)  # batch_size, or less where it must divide
     eval_sets = {
-        "val": val_batches.eval_batches(cfg.eval_iters, cfg.batch_size, rank, world_size),
-        "train": train_batches.eval_batches(cfg.eval_iters, cfg.batch_size, rank, world_size),
+        "val": val_batches.eval_batches(cfg.eval_iters, micro, rank, world_size),
+        "train": train_batches.eval_batches(cfg.eval_iters, micro, rank, world_size),
     }
 
     model = build_model(cfg, meta["vocab_size"]).to(device)
-    optimizer = build_optimizer(model.configure_param_groups(cfg.weight_decay), cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = build_optimizer(model, cfg, device.type)
+    scaler = runtime.grad_scaler()
 
     start_step, first_loss, best_val = 0, None, math.inf
     last_val: float | None = None
@@ -240,9 +243,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"[raygpt] resumed from step {start_step} ({run.display(state_path)})", flush=True
             )
 
+    workers = _describe_workers(device, world_size)
+    if is_main and start_step == 0:
+        _record_workers(run, run_path, workers)
     flops_per_token = model.flops_per_token()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = metrics.peak_flops(device_name, cfg.peak_tflops)
+    peak = metrics.peak_flops(workers[0]["device_name"], cfg.peak_tflops)
     tokens_per_step = cfg.resolved_tokens_per_step
     ckpt_interval = cfg.resolved_checkpoint_interval
 
@@ -260,8 +265,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             gradient_as_bucket_view=True,
         )
         train_model = ddp
-    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
-        train_model = torch.compile(train_model)
+    train_model = runtime.maybe_compile(train_model)
+    # Evaluation runs the raw model (no DDP: nothing to reduce), compiled too when training
+    # is: its own graph, since eval mode and no_grad change what the compiler traces.
+    eval_model = runtime.maybe_compile(model)
+    parameters = list(model.parameters())
+
+    def micro_batches(s: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            train_batches.get_batch(s, rank, m, micro, world_size, grad_accum)
+            for m in range(grad_accum)
+        ]
+
+    prefetcher = BatchPrefetcher(micro_batches, device, cfg.max_steps)
+    stats = StepStats(device, world_size)
+    lrs: dict[int, float] = {}
 
     # Rank 0 writes the rows since the last report as one Parquet part (and one
     # TensorBoard file) before each report: a lost report or a killed driver loses no row.
@@ -273,116 +291,186 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "learning_rate": cfg.learning_rate,
         **run_info,
     }
-    # The driver's metadata (config, versions, cluster) rides in every part's footer.
-    part_metadata = outputs.get("metadata") or {"config": cfg.to_dict()}
+    # The driver's metadata (config, versions, cluster) rides in every part's footer,
+    # with the hardware the ranks actually ran on.
+    part_metadata = {**(outputs.get("metadata") or {"config": cfg.to_dict()}), "workers": workers}
     started = time.perf_counter()
     step = start_step
-    while step < cfg.max_steps:
-        step_start = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.seed, rank, step))
-        lr = lr_at(step, cfg)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = train_batches.get_batch(
-                step, rank, micro_step, cfg.batch_size, world_size, grad_accum
+    train_loss = math.nan
+    set_optimizer_mode(optimizer, training=True)  # schedule-free: weights at the train point
+    try:
+        while step < cfg.max_steps:
+            torch.manual_seed(step_seed(cfg.seed, rank, step))
+            lr = lr_at(step, cfg)
+            set_lr(optimizer, lr)
+            batches = prefetcher.get(step)
+            stats.start_step()
+            loss, grad_norm = train_step(
+                train_model,
+                parameters,
+                optimizer,
+                scaler,
+                batches,
+                runtime.autocast,
+                cfg.grad_clip,
+                no_sync=ddp.no_sync if ddp is not None else None,
             )
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # All-reduce gradients only on the last micro-step: the others accumulate locally.
-            sync = micro_step == grad_accum - 1 or world_size == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync(), autocast:
-                _, loss = train_model(x, y)
-                loss = loss / grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            step += 1
+            stats.end_step(step, loss, grad_norm)
+            lrs[step] = lr
 
-        # .item() and the all-reduce synchronise the device, so the time is honest.
-        train_loss, grad_norm_value = _all_reduce_mean(
-            [loss_sum.item(), grad_norm.item()], device, world_size
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_seconds = time.perf_counter() - step_start
-        tokens_per_sec = tokens_per_step / step_seconds
-        first_loss = train_loss if first_loss is None else first_loss
-        diverged = status.is_diverged(train_loss, first_loss, cfg.divergence_factor)
+            is_last = step == cfg.max_steps
+            evaluated = step % cfg.eval_interval == 0 or is_last
+            save_now = step % ckpt_interval == 0 or is_last
+            if not (evaluated or save_now or step % cfg.log_interval == 0):
+                _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
+                continue  # nothing to show or report: the device runs ahead
 
-        row: dict[str, Any] = {
-            "step": step,
-            "tokens_seen": step * tokens_per_step,
-            "train_loss": train_loss,
-            "val_loss": None,
-            "eval_train_loss": None,
-            "lr": lr,
-            "grad_norm": grad_norm_value,
-            "step_time_ms": step_seconds * 1000,
-            "tokens_per_sec": tokens_per_sec,
-            "mfu": metrics.mfu(flops_per_token, tokens_per_sec, world_size, peak),
-            **row_identity,
-        }
-        is_last = step == cfg.max_steps or diverged
-        evaluated = step % cfg.eval_interval == 0 or is_last
-        if evaluated:
-            losses = evaluate(model, eval_sets, autocast, device, world_size)
-            row["val_loss"], row["eval_train_loss"] = losses["val"], losses["train"]
-            last_val = losses["val"] if math.isfinite(losses["val"]) else math.inf
-            best_val = min(best_val, last_val)
-            diverged = diverged or not math.isfinite(losses["val"])
-        if is_main:
-            pending_rows.append(row)
-            if step % cfg.log_interval == 0 or evaluated:
+            # One wait for the device (and one all-reduce) for every step since the last read.
+            diverged = False
+            for reading in stats.read():
+                train_loss = reading.train_loss
+                first_loss = train_loss if first_loss is None else first_loss
+                tokens_per_sec = tokens_per_step / max(reading.seconds, 1e-9)
+                row: dict[str, Any] = {
+                    "step": reading.step,
+                    "tokens_seen": reading.step * tokens_per_step,
+                    "train_loss": train_loss,
+                    "val_loss": None,
+                    "eval_train_loss": None,
+                    "lr": lrs.pop(reading.step),
+                    "grad_norm": reading.grad_norm,
+                    "step_time_ms": reading.seconds * 1000,
+                    "tokens_per_sec": tokens_per_sec,
+                    "mfu": metrics.mfu(flops_per_token, tokens_per_sec, world_size, peak),
+                    **row_identity,
+                }
+                if is_main:
+                    pending_rows.append(row)
+                if status.is_diverged(train_loss, first_loss, cfg.divergence_factor):
+                    diverged = True  # the steps up to here still get their rows
+            # A divergence is seen at the read after it happened; the run ends there.
+            is_last = is_last or diverged
+            evaluated = evaluated or diverged
+            save_now = save_now or diverged
+            row = pending_rows[-1] if is_main else {}
+            if evaluated or save_now:
+                # Schedule-free: evaluate and checkpoint the averaged weights, not the
+                # point the gradients are taken at (a no-op for other optimizers).
+                set_optimizer_mode(optimizer, training=False)
+            if evaluated:
+                losses = evaluate(eval_model, eval_sets, runtime, world_size)
+                if is_main:
+                    row["val_loss"], row["eval_train_loss"] = losses["val"], losses["train"]
+                last_val = losses["val"] if math.isfinite(losses["val"]) else math.inf
+                best_val = min(best_val, last_val)
+                diverged = diverged or not math.isfinite(losses["val"])
+            if is_main and (step % cfg.log_interval == 0 or evaluated):
                 done = step - start_step
                 eta = (time.perf_counter() - started) / done * (cfg.max_steps - step)
                 print(metrics.progress_line(row, cfg.max_steps, eta), flush=True)
 
-        save_now = step % ckpt_interval == 0 or is_last
-        if evaluated or save_now:
-            report = {
-                "step": step,
-                "tokens_seen": row["tokens_seen"],
-                "train_loss": train_loss,
-                # Tune needs the metric in every result: a checkpoint-only report repeats
-                # the last val loss (inf before the first eval; ASHA's rungs are evals).
-                "val_loss": last_val if last_val is not None else math.inf,
-                "best_val_loss": best_val,
-                "evaluated": evaluated,
-                "lr": lr,
-                "diverged": diverged,
-                "done": is_last,
-            }
-            state_now = None
-            if save_now and is_main:
-                state_now = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
+            if evaluated or save_now:
+                report = {
                     "step": step,
-                    "first_loss": first_loss,
+                    "tokens_seen": step * tokens_per_step,
+                    "train_loss": train_loss,
+                    # Tune needs the metric in every result: a checkpoint-only report
+                    # repeats the last val loss (inf before the first eval; ASHA's rungs
+                    # are evals).
+                    "val_loss": last_val if last_val is not None else math.inf,
                     "best_val_loss": best_val,
-                    "last_val_loss": last_val,
-                    "config": cfg.to_dict(),
-                    "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
+                    "evaluated": evaluated,
+                    "lr": lr,
+                    "diverged": diverged,
+                    "done": is_last,
                 }
-            if is_main:
-                results.write_step_part(run, run_path, pending_rows, part_metadata)
-                results.write_tensorboard_part(run, tensorboard_path, pending_rows)
-            _report(report, state_now, step, cfg.checkpoint_upload)
-            pending_rows = []
-            if diverged:
+                state_now = None
+                if save_now and is_main:
+                    state_now = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "first_loss": first_loss,
+                        "best_val_loss": best_val,
+                        "last_val_loss": last_val,
+                        "config": cfg.to_dict(),
+                        "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
+                    }
                 if is_main:
-                    print(
-                        f"[raygpt] diverged at step {step} (loss {train_loss:.4g}); stopping",
-                        flush=True,
-                    )
-                break
-        _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
+                    results.write_step_part(run, run_path, pending_rows, part_metadata)
+                    results.write_tensorboard_part(run, tensorboard_path, pending_rows)
+                if in_process:
+                    _save_in_process(run, run_path, state_now, step, cfg.keep_checkpoints)
+                    ray.train.report(report)
+                else:
+                    _report(report, state_now, step, cfg.checkpoint_upload)
+                pending_rows = []
+                # Only now: the checkpoint's state dict shares memory with the live weights.
+                set_optimizer_mode(optimizer, training=True)
+                if diverged:
+                    if is_main:
+                        print(
+                            f"[raygpt] diverged at step {step} (loss {train_loss:.4g}); stopping",
+                            flush=True,
+                        )
+                    break
+            _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
+    finally:
+        prefetcher.close()
+
+
+def _describe_workers(device: torch.device, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's host and device, gathered on all ranks: what the run really ran on."""
+    import socket
+
+    mine: dict[str, Any] = {"host": socket.gethostname(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        mine |= {
+            "device_name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+        }
+    else:
+        mine |= {"device_name": None, "cpu_threads": torch.get_num_threads()}
+    if world_size == 1:
+        return [mine | {"rank": 0}]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return [w | {"rank": r} for r, w in enumerate(gathered)]
+
+
+def _record_workers(run: Storage, run_path: str, workers: list[dict[str, Any]]) -> None:
+    """Add the ranks' hardware to run.json (the driver wrote what it could see from its
+    own machine, which on a cluster is not where training runs)."""
+    path = f"{run_path}/{results.RUN_FILE}"
+    if not run.exists(path):
+        return  # a sweep trial: its hardware rides in the step parts' metadata
+    info = json.loads(run.read_bytes(path))
+    info["workers"] = workers
+    results.write_json(run, path, info)
+
+
+def _save_in_process(
+    run: Storage, run_path: str, state: dict[str, Any] | None, step: int, keep: int | None
+) -> None:
+    """Checkpoint an in-process run to its folder, as Ray Train would for a worker group.
+
+    Same folder names and files, so resume, `raygpt.sample` and the worker-group path
+    read them alike. The older folders beyond `keep` go, oldest first, after the new
+    one is complete.
+    """
+    if state is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as tmp:
+        checkpoint.save(tmp, state)
+        run.upload_dir(tmp, f"{run_path}/{checkpoint.checkpoint_dir_name(step)}")
+    if keep:
+        for old in checkpoint.checkpoints_in_run(run_path, run)[keep:]:
+            run.delete_dir(old)
 
 
 def _report(metrics_: dict[str, Any], state: dict[str, Any] | None, step: int, upload: str) -> None:

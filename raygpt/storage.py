@@ -164,6 +164,33 @@ class Storage:
             destination_filesystem=self.fs,
         )
 
+    def upload_dir(self, local_dir: str | Path, fs_path: str) -> None:
+        """Copy a local folder to `fs_path`, recursively.
+
+        On a local disk it is copied beside the target and renamed into place, so a
+        crash mid-copy never leaves a half folder under the final name. Object stores
+        have no folder rename; there each file lands whole (one PUT or a multipart
+        upload that completes or does not exist), and readers check the files.
+        """
+        if self.is_local:
+            target = Path(fs_path)
+            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(local_dir, tmp)
+            try:
+                if target.exists():
+                    shutil.rmtree(target)
+                os.rename(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        pafs.copy_files(
+            str(local_dir),
+            fs_path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
+
     def download_dir(self, fs_path: str, local_dir: str | Path) -> None:
         """Copy the folder `fs_path`, recursively, into `local_dir` (created if needed)."""
         if not self.is_dir(fs_path):

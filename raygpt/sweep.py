@@ -54,6 +54,13 @@ DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {
     "sgd": (1e-3, 1.0),
     "momentum": (1e-3, 1.0),
     "adagrad": (1e-3, 1.0),
+    # muon: the hidden matrices' rate (AdamW's groups run at muon_adamw_lr_scale x it);
+    # orthogonalised steps have a fixed size, so its rates sit near modded-nanogpt's 0.02-0.05.
+    "muon": (3e-3, 3e-1),
+    # lion: sign updates move every entry by the full lr; the paper uses 3-10x below AdamW.
+    "lion": (3e-5, 3e-3),
+    # schedule-free AdamW tolerates, and wants, rates somewhat above AdamW's (Defazio et al.).
+    "adamw_schedulefree": (3e-4, 3e-2),
 }
 MOMENTUM_RANGE = (0.8, 0.99)
 SEARCHES = ("optuna", "grid", "random")

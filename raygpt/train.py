@@ -15,9 +15,10 @@ import sys
 import time
 from typing import Any
 
-from raygpt import data, launch, metrics, results, storage
+from raygpt import checkpoint, data, launch, metrics, results, storage
 from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
 from raygpt.errors import exit_on_user_error
+from raygpt.runtime import cpu_threads_available
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -33,14 +34,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     launch.check_run_dir(store, run_path, cfg.resume, cfg.overwrite)
 
     started = time.perf_counter()
-    cluster = launch.connect(cfg.address)
-    use_gpu = launch.resolve_use_gpu(cfg.use_gpu)
-    if cfg.cpus_per_worker is None:
-        cfg = dataclasses.replace(
-            cfg, cpus_per_worker=launch.auto_cpus_per_worker(cfg.num_workers, use_gpu)
-        )
-    launch.check_fits(cfg.num_workers, cfg.cpus_per_worker, 1 if use_gpu else 0)
-    storage.preflight(store)  # every node sees the storage, or one line names the node
+    in_process = launch.runs_in_process(cfg)
+    if in_process:
+        cluster = launch.IN_PROCESS_LINE
+        print(f"[raygpt] {cluster}", flush=True)
+        use_gpu = launch.in_process_use_gpu(cfg.use_gpu)
+        if cfg.cpus_per_worker is None:
+            cfg = dataclasses.replace(cfg, cpus_per_worker=float(cpu_threads_available()))
+    else:
+        cluster = launch.connect(cfg.address)
+        use_gpu = launch.resolve_use_gpu(cfg.use_gpu)
+        if cfg.cpus_per_worker is None:
+            cfg = dataclasses.replace(
+                cfg, cpus_per_worker=launch.auto_cpus_per_worker(cfg.num_workers, use_gpu)
+            )
+        launch.check_fits(cfg.num_workers, cfg.cpus_per_worker, 1 if use_gpu else 0)
+        storage.preflight(store)  # every node sees the storage, or one line names the node
     ray_ready = time.perf_counter()
     # Only now, with every check passed, may --overwrite remove the old run.
     launch.prepare_run_dir(store, run_path, cfg.resume, cfg.overwrite)
@@ -53,21 +62,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     }
     results.write_json(store, f"{run_path}/{results.RUN_FILE}", metadata)
     trainer = launch.build_trainer(
-        cfg, name=name, storage=store, use_gpu=use_gpu, outputs={"metadata": metadata}
+        cfg,
+        name=name,
+        storage=store,
+        use_gpu=use_gpu,
+        outputs={"metadata": metadata},
+        in_process=in_process,
     )
     where = store.display(run_path)
     print(
-        f"[raygpt] run {name}: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU, "
-        f"{cfg.optimizer} lr={cfg.learning_rate:g}, "
+        f"[raygpt] run {name}: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU"
+        f"{' + 1 GPU' if use_gpu else ''}, {cfg.optimizer} lr={cfg.learning_rate:g}, "
         f"{cfg.max_steps} steps -> {where}",
         flush=True,
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # Ray wraps worker errors; surface ours as one line
-        if (user_error := launch.find_user_error(err)) is not None:
-            raise user_error from None
-        raise
+    result = _fit_in_process(trainer, cfg.max_failures) if in_process else _fit(trainer)
     finished = time.perf_counter()
     final = result.metrics or {}
     summary = {
@@ -82,7 +91,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "ray_startup_seconds": round(ray_ready - started, 2),
         "wall_seconds": round(finished - started, 2),
         "training_seconds": round(finished - ray_ready, 2),
-        "checkpoint": store.display(result.checkpoint.path) if result.checkpoint else None,
+        "checkpoint": _final_checkpoint(store, run_path, result),
     }
     print(
         f"[raygpt] done: step {summary['step']} val loss {_fmt(summary['val_loss'])} "
@@ -91,6 +100,45 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         flush=True,
     )
     return summary
+
+
+def _fit(trainer) -> Any:
+    try:
+        return trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; surface ours as one line
+        if (user_error := launch.find_user_error(err)) is not None:
+            raise user_error from None
+        raise
+
+
+def _fit_in_process(trainer, max_failures: int) -> Any:
+    """Ray Train's local mode has no failure policy of its own: give a run that raises
+    the restarts a worker group gets (`max_failures`), each resuming from the latest
+    checkpoint, which the loop finds on storage. A bad input (UserError) is never retried."""
+    from raygpt.errors import UserError
+
+    for attempt in range(max_failures + 1):
+        try:
+            return trainer.fit()
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if attempt == max_failures:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            print(
+                f"[raygpt] the run failed ({type(err).__name__}: {first}); restarting from "
+                f"its latest checkpoint ({attempt + 1} of {max_failures})",
+                flush=True,
+            )
+    raise AssertionError("unreachable")
+
+
+def _final_checkpoint(store, run_path: str, result) -> str | None:
+    if result.checkpoint is not None and result.path is not None:
+        return store.display(result.checkpoint.path)
+    latest = checkpoint.latest_in_run(run_path, store)  # in-process: saved by the loop
+    return store.display(latest) if latest else None
 
 
 def _fmt(value: float | None) -> str:

@@ -23,6 +23,8 @@ import pytest
 from raygpt import data
 from raygpt.errors import UserError
 
+PREPARE = sys.modules["raygpt.data.prepare"]  # the module (data.prepare is its function)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # tiktoken's GPT-2 split pattern (tiktoken_ext.openai_public.r50k_pat_str).
@@ -56,7 +58,7 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def read_bin(dataset_dir: Path, split: str, meta: dict) -> np.ndarray:
-    return np.fromfile(dataset_dir / f"{split}.bin", dtype=meta["dtype"])
+    return np.asarray(data.read_tokens(dataset_dir, split))
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -85,7 +87,7 @@ def pydocs(tmp_path_factory):
 def test_pydocs_prepare_size_vocab_and_meta(pydocs):
     d, meta, _ = pydocs
     assert d.name == "pydocs_char"
-    assert meta["format"] == 1 and meta["dataset"] == "pydocs_char"
+    assert meta["format"] == data.FORMAT and meta["dataset"] == "pydocs_char"
     assert meta["tokenizer"] == "char" and meta["dtype"] == "uint16"
     assert 80 <= meta["vocab_size"] <= 100
     assert meta["vocab_size"] == len(meta["itos"])
@@ -107,11 +109,11 @@ def test_pydocs_is_deterministic_and_decodes_to_corpus(pydocs):
 
 def test_prepare_reuses_the_cached_directory(pydocs):
     d, _, _ = pydocs
-    before = (d / "meta.json").stat().st_mtime_ns
+    before = (d / data.MANIFEST).stat().st_mtime_ns
     started = time.perf_counter()
     assert data.prepare(data_dir=d.parent) == d
     assert time.perf_counter() - started < 1.0
-    assert (d / "meta.json").stat().st_mtime_ns == before
+    assert (d / data.MANIFEST).stat().st_mtime_ns == before
     assert not [p for p in d.parent.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
 
 
@@ -130,7 +132,7 @@ def test_char_vocab_round_trips_through_meta_json(tmp_path):
     d = data.prepare(data_file=f, data_dir=tmp_path / "cache")
     sha = hashlib.sha256(SAMPLE_TEXT.encode()).hexdigest()
     assert d.name == f"file-sample-{sha[:12]}-char"
-    raw = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    raw = json.loads((d / data.MANIFEST).read_text(encoding="utf-8"))["tokenizer"]
     assert raw["itos"] == sorted(set(SAMPLE_TEXT))
     for c in ['"', "\\", "\n", "\r", "\t", "é", "東", "🙂"]:
         assert c in raw["itos"]
@@ -188,7 +190,7 @@ def test_choose_dtype_and_uint32_for_a_big_vocab(tmp_path):
     d = data.prepare(data_file=f, tokenizer="gpt2", data_dir=tmp_path, encoding=enc)
     meta = data.load_meta(d)
     assert meta["vocab_size"] == 70_001 and meta["dtype"] == "uint32"
-    assert (d / "train.bin").stat().st_size == 4 * meta["train_tokens"]
+    assert (d / "train_000000.bin").stat().st_size == 1024 + 4 * meta["train_tokens"]
     ids = np.concatenate([read_bin(d, "train", meta), read_bin(d, "val", meta)])
     assert 70_000 not in ids  # the special token's text is encoded as ordinary text
     assert data.tokenizer_from_meta(meta, encoding=enc).decode(ids.tolist()) == text
@@ -273,9 +275,9 @@ def test_unreachable_url_names_url_and_alternative(tmp_path):
 def test_shakespeare_datasets_share_one_verified_download(tmp_path, monkeypatch):
     src = write_text(tmp_path / "input.txt", SAMPLE_TEXT)
     raw = src.read_bytes()
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", src.as_uri())
-    monkeypatch.setattr(data, "SHAKESPEARE_SIZE", len(raw))
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(raw).hexdigest())
+    monkeypatch.setattr(data.sources, "SHAKESPEARE_URL", src.as_uri())
+    monkeypatch.setattr(data.sources, "SHAKESPEARE_SIZE", len(raw))
+    monkeypatch.setattr(data.sources, "SHAKESPEARE_SHA256", hashlib.sha256(raw).hexdigest())
     root = tmp_path / "root"
     d_char = data.prepare("shakespeare_char", data_dir=root)
     src.unlink()  # the gpt2 variant must reuse the cached download
@@ -283,14 +285,14 @@ def test_shakespeare_datasets_share_one_verified_download(tmp_path, monkeypatch)
     d_bpe = data.prepare("shakespeare", data_dir=root, encoding=enc)
     assert (d_char.name, d_bpe.name) == ("shakespeare_char", "shakespeare")
     m_char, m_bpe = data.load_meta(d_char), data.load_meta(d_bpe)
-    assert m_char["source_sha256"] == m_bpe["source_sha256"] == data.SHAKESPEARE_SHA256
+    assert m_char["source_sha256"] == m_bpe["source_sha256"] == data.sources.SHAKESPEARE_SHA256
     ids = np.concatenate([read_bin(d_bpe, "train", m_bpe), read_bin(d_bpe, "val", m_bpe)])
     assert enc.decode(ids.tolist()) == SAMPLE_TEXT
 
 
 def test_shakespeare_sha_mismatch_leaves_nothing(tmp_path, monkeypatch):
     src = write_text(tmp_path / "input.txt", SAMPLE_TEXT)
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", src.as_uri())
+    monkeypatch.setattr(data.sources, "SHAKESPEARE_URL", src.as_uri())
     root = tmp_path / "root"
     with pytest.raises(UserError, match="nothing was cached"):
         data.prepare("shakespeare_char", data_dir=root)
@@ -310,7 +312,7 @@ def _assert_gpt2_message(err: UserError) -> None:
 
 def test_offline_gpt2_fails_fast_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(data, "_probe_vocab_url", lambda: "Name or service not known")
+    monkeypatch.setattr(data.tokenizers, "_probe_vocab_url", lambda: "Name or service not known")
     started = time.perf_counter()
     with pytest.raises(UserError) as err:
         data.load_gpt2_encoding()
@@ -348,9 +350,9 @@ def test_gpt2_load_error_becomes_user_error():
 
 def test_losing_the_rename_race_is_tolerated(tmp_path, monkeypatch):
     """Without the lock (e.g. a filesystem without flock), a rival finishing first wins."""
-    monkeypatch.setattr(data, "_file_lock", lambda path: contextlib.nullcontext())
+    monkeypatch.setattr(PREPARE, "file_lock", lambda path: contextlib.nullcontext())
     f = write_text(tmp_path / "race.txt", SAMPLE_TEXT)
-    real_write = data._write_dataset
+    real_write = PREPARE._write_dataset
     rival: list[Path] = []
 
     def write_then_get_overtaken(tmp, ids, meta, val_fraction):
@@ -360,7 +362,7 @@ def test_losing_the_rename_race_is_tolerated(tmp_path, monkeypatch):
             rival[0] = data.prepare(data_file=f, data_dir=tmp_path / "root")
         return out
 
-    monkeypatch.setattr(data, "_write_dataset", write_then_get_overtaken)
+    monkeypatch.setattr(PREPARE, "_write_dataset", write_then_get_overtaken)
     d = data.prepare(data_file=f, data_dir=tmp_path / "root")
     assert d == rival[0]
     data.load_meta(d)
@@ -377,13 +379,13 @@ def small_dataset(tmp_path):
     return data.prepare(data_file=write_text(tmp_path / "small.txt", text), data_dir=tmp_path)
 
 
-def test_corrupt_meta_json_names_the_file(small_dataset):
-    meta_path = small_dataset / "meta.json"
+def test_corrupt_manifest_names_the_file(small_dataset):
+    meta_path = small_dataset / data.MANIFEST
     meta_path.write_text("{not json")
     with pytest.raises(UserError, match="prepare") as err:
         data.load_meta(small_dataset)
     assert str(meta_path) in str(err.value) and "\n" not in str(err.value)
-    meta_path.write_text(json.dumps({"format": 1, "dataset": "x"}))
+    meta_path.write_text(json.dumps({"format": data.FORMAT, "format_version": 1, "dataset": "x"}))
     with pytest.raises(UserError, match=re.escape(str(meta_path)) + ".*lacks"):
         data.load_meta(small_dataset)
     meta_path.unlink()
@@ -391,8 +393,8 @@ def test_corrupt_meta_json_names_the_file(small_dataset):
         data.load_meta(small_dataset)
 
 
-def test_truncated_or_missing_bin_names_the_file(small_dataset):
-    train = small_dataset / "train.bin"
+def test_truncated_or_missing_shard_names_the_file(small_dataset):
+    train = small_dataset / "train_000000.bin"
     good = train.read_bytes()
     train.write_bytes(good[:-2])
     with pytest.raises(UserError, match=re.escape(str(train)) + ".*truncated.*delete"):
@@ -401,13 +403,13 @@ def test_truncated_or_missing_bin_names_the_file(small_dataset):
         data.BatchSampler(small_dataset, "train", 8, seed=0)
     train.write_bytes(good)
     data.load_meta(small_dataset)
-    (small_dataset / "val.bin").unlink()
-    with pytest.raises(UserError, match=re.escape(str(small_dataset / "val.bin"))):
+    (small_dataset / "val_000000.bin").unlink()
+    with pytest.raises(UserError, match=re.escape(str(small_dataset / "val_000000.bin"))):
         data.load_meta(small_dataset)
 
 
 def test_prepare_replaces_a_broken_directory(small_dataset, tmp_path):
-    (small_dataset / "train.bin").write_bytes(b"")
+    (small_dataset / "train_000000.bin").write_bytes(b"")
     d = data.prepare(data_file=tmp_path / "small.txt", data_dir=tmp_path)
     assert d == small_dataset
     data.load_meta(d)
@@ -474,7 +476,7 @@ def test_same_step_gives_identical_batch_resume(sampler_data):
 
 def test_batch_contents_shapes_and_shift(sampler_data):
     s = data.BatchSampler(sampler_data, "val", BS, seed=0)
-    raw = np.fromfile(sampler_data / "val.bin", dtype=np.uint16)
+    raw = np.asarray(data.read_tokens(sampler_data, "val"))
     starts = s.sample_indices(2, 0, 0, 5, 1, 1)
     x, y = s.get_batch(2, 0, 0, 5, 1, 1)
     assert tuple(x.shape) == tuple(y.shape) == (5, BS)
@@ -488,8 +490,8 @@ def test_batch_contents_shapes_and_shift(sampler_data):
 def test_sampler_pickles_small_after_use(sampler_data):
     s = data.BatchSampler(sampler_data, "train", BS, seed=0)
     s.get_batch(0, 0, 0, 4, 1, 1)
-    assert s._data is not None
-    assert len(pickle.dumps(s)) < 2000
+    assert s.tokens._maps  # the shard is open (memory-mapped) ...
+    assert len(pickle.dumps(s)) < 2000  # ... and not pickled
 
 
 def test_eval_batches_fixed_and_disjoint_across_ranks(sampler_data):

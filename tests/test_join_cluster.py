@@ -127,15 +127,24 @@ def test_ray_job_submit_runs_train_and_sweep(head, tmp_path):
     _, dashboard, env = head
     storage = tmp_path / "results"
 
-    def submit(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-             "--", sys.executable, "-m", *args],
-            cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-            timeout=400,
-        )  # fmt: skip
+    def submit(*command: str) -> subprocess.CompletedProcess:
+        # The head's job agent registers a little after the node does; Ray then answers
+        # "No available agent to submit job, please try again later", as it says.
+        deadline = time.monotonic() + 60
+        while True:
+            out = subprocess.run(
+                [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
+                 "--", *command],
+                cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                text=True, timeout=400,
+            )  # fmt: skip
+            if "No available agent" not in out.stderr or time.monotonic() > deadline:
+                return out
+            time.sleep(2)
 
-    run = submit("raygpt.train", *TINY, "--name", "job", "--storage-path", str(storage))
+    run = submit(
+        sys.executable, "-m", "raygpt.train", *TINY, "--name", "job", "--storage-path", str(storage)
+    )
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     assert "joined the Ray cluster" in run.stdout
     assert "succeeded" in run.stdout
@@ -143,13 +152,10 @@ def test_ray_job_submit_runs_train_and_sweep(head, tmp_path):
     assert json.loads((storage / "job" / "run.json").read_text())["cluster"]
 
     # A sweep whose every trial fails is a failed job, and says why each trial failed.
-    failing = subprocess.run(
-        [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-         "--", "env", "RAYGPT_FAIL_AT=0:3:raise", sys.executable, "-m", "raygpt.sweep", *TINY, "--optimizers", "adamw",
-         "--search", "grid", "--grid-points", "2", "--scheduler", "fifo", "--max-failures", "0",
-         "--name", "all-fail", "--storage-path", str(storage)],
-        cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-        timeout=400,
+    failing = submit(
+        "env", "RAYGPT_FAIL_AT=0:3:raise", sys.executable, "-m", "raygpt.sweep", *TINY,
+        "--optimizers", "adamw", "--search", "grid", "--grid-points", "2", "--scheduler", "fifo",
+        "--max-failures", "0", "--name", "all-fail", "--storage-path", str(storage),
     )  # fmt: skip
     text = failing.stdout + failing.stderr
     assert failing.returncode != 0, text[-3000:]

@@ -179,7 +179,8 @@ def test_sample_init_from_local_gpt2_directory(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=101))
     hf.save_pretrained(tmp_path / "hf")
-    monkeypatch.setattr(data, "load_gpt2_encoding", lambda: FakeEncoding())
+    # Patched where it is looked up: the tokenizer module owns the loader.
+    monkeypatch.setattr(data.tokenizers, "load_gpt2_encoding", lambda: FakeEncoding())
     argv = ["--init-from", str(tmp_path / "hf"), "--start", "", "--num-samples", "1"]
     argv += ["--max-new-tokens", "7"]
     assert sample.main(argv) == 0

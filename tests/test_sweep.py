@@ -104,7 +104,7 @@ def test_grid_is_log_spaced_per_optimizer():
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--optimizers", "adamw,lion"], "'lion'"),
+        (["--optimizers", "adamw,lamb"], "'lamb'"),
         (["--lr-range", "adamw=1e-2:1e-4"], "LO=0.01 HI=0.0001"),
         (["--lr-range", "sgd=abc"], "OPT=LO:HI"),
         (["--lr-range", "adam=1e-4:1e-3"], "not in --optimizers"),

@@ -35,7 +35,15 @@ def reference(ray_cluster, tmp_path_factory):
         # the same global batch (16 sequences) three ways
         "ddp": tiny_config(storage, name="ddp", num_workers=2, batch_size=8, **SHORT),
         "single": tiny_config(storage, name="single", num_workers=1, batch_size=16, **SHORT),
-        "accum": tiny_config(storage, name="accum", batch_size=8, tokens_per_step=16 * 32, **SHORT),
+        # in this process (Ray Train's local mode): the same loop without a worker group
+        "accum": tiny_config(
+            storage,
+            name="accum",
+            batch_size=8,
+            tokens_per_step=16 * 32,
+            in_process="true",
+            **SHORT,
+        ),
     }
     summaries = {key: train.run(cfg) for key, cfg in runs.items()}
     return storage, summaries
@@ -100,19 +108,15 @@ def test_gradient_accumulation_equals_one_big_micro_batch(reference):
 
 def test_resumed_run_equals_uninterrupted(reference):
     storage, _ = reference
-    # The "single" run stopped after its step-6 checkpoint, then resumed to the end.
-    train.run(
-        tiny_config(
-            storage, name="split", num_workers=1, batch_size=16, **{**SHORT, "max_steps": 6}
-        )
-    )
-    train.run(
-        tiny_config(storage, name="split", num_workers=1, batch_size=16, resume=True, **SHORT)
-    )
+    # The "single" run stopped after its step-6 checkpoint, then resumed to the end
+    # (in this process: resume is the loop's, whichever way it runs).
+    split = dict(name="split", batch_size=16, in_process="true")
+    train.run(tiny_config(storage, **split, **{**SHORT, "max_steps": 6}))
+    train.run(tiny_config(storage, **split, resume=True, **SHORT))
     _assert_same_losses(_losses(storage / "split"), _losses(storage / "single"), 1e-6)
 
 
-def test_worker_death_restarts_from_checkpoint_with_same_losses(reference, monkeypatch):
+def test_worker_death_restarts_from_checkpoint_with_same_losses(reference, monkeypatch, capfd):
     storage, summaries = reference
     # Rank 1 dies abruptly after step 9; the last checkpoint is step 6.
     monkeypatch.setitem(os.environ, FAIL_AT_ENV, "1:9")
@@ -121,3 +125,38 @@ def test_worker_death_restarts_from_checkpoint_with_same_losses(reference, monke
     )
     _assert_same_losses(_losses(storage / "crash"), _losses(storage / "ddp"), 1e-6)
     assert summary["val_loss"] == pytest.approx(summaries["ddp"]["val_loss"], abs=1e-6)
+    assert "resumed from step 6" in capfd.readouterr().out  # it did die, and came back
+
+
+def test_in_process_run_equals_worker_group_and_restarts_after_a_raise(
+    reference, monkeypatch, capfd
+):
+    """Ray Train's local mode (in_process): the same numbers as a worker group, its own
+    checkpoints on storage, and a raised error restarts from the latest one."""
+    storage, summaries = reference
+    monkeypatch.setitem(os.environ, FAIL_AT_ENV, "0:9:raise")  # after the step-6 checkpoint
+    summary = train.run(
+        tiny_config(
+            storage, name="inproc", in_process="true", batch_size=16, max_failures=1, **SHORT
+        )
+    )
+    run_dir = storage / "inproc"
+    out = capfd.readouterr().out
+    assert "injected fault at step 9" in out and "resumed from step 6" in out
+    _assert_same_losses(_losses(run_dir), _losses(storage / "single"), 1e-6)
+    assert summary["val_loss"] == pytest.approx(summaries["single"]["val_loss"], abs=1e-6)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_0000006",
+        "checkpoint_0000012",
+    ]
+    assert summary["checkpoint"].endswith("checkpoint_0000012")
+    import json
+
+    from raygpt.runtime import cpu_threads_available
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["cluster"].startswith("running in this process")
+    assert info["workers"] == [
+        {"host": info["workers"][0]["host"], "device": "cpu", "device_name": None,
+         "cpu_threads": cpu_threads_available(), "rank": 0}
+    ]  # fmt: skip

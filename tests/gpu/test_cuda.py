@@ -8,6 +8,7 @@ CI has no GPU; a session lent one runs these first.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_resume_on_cuda_equals_uninterrupted(whole):
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
 
 
-def test_worker_death_restarts_on_cuda(whole, monkeypatch):
+def test_worker_death_restarts_on_cuda(whole, monkeypatch, capfd):
     storage, _ = whole
     monkeypatch.setitem(os.environ, FAIL_AT_ENV, "0:9")
     summary = train.run(tiny_config(storage, name="crash", compile="true", max_failures=1, **SHORT))
@@ -67,6 +68,32 @@ def test_worker_death_restarts_on_cuda(whole, monkeypatch):
     a, b = _losses(storage / "whole"), _losses(storage / "crash")
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert "resumed from step 6" in capfd.readouterr().out
+
+
+def test_in_process_on_cuda_equals_worker_group_and_records_the_gpu(whole):
+    storage, _ = whole
+    train.run(tiny_config(storage, name="inproc", compile="true", in_process="true", **SHORT))
+    a, b = _losses(storage / "whole"), _losses(storage / "inproc")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    for name in ("whole", "inproc"):  # the ranks' GPU, not the driver's view
+        info = json.loads((storage / name / "run.json").read_text())
+        assert info["workers"][0]["device_name"] == torch.cuda.get_device_name(0)
+
+
+def test_step_stats_read_cuda_events_in_one_wait():
+    from raygpt.step_stats import StepStats
+
+    stats = StepStats(torch.device("cuda"), world_size=1)
+    a = torch.randn(2048, 2048, device="cuda")
+    for step in range(1, 4):
+        stats.start_step()
+        loss = (a @ a).mean()
+        stats.end_step(step, loss, loss.abs())
+    readings = stats.read()
+    assert [r.step for r in readings] == [1, 2, 3] and len(stats) == 0
+    assert all(r.seconds > 0 and r.grad_norm == abs(r.train_loss) for r in readings)
 
 
 def test_fp16_with_grad_scaler_trains(ray_cluster, tmp_path):

@@ -1,0 +1,406 @@
+"""Where text comes from: the registered datasets, local files, and downloads.
+
+Small datasets are read whole, as documents (a single file is one document), and
+tokenized in memory by `prepare`:
+
+* ``pydocs_char`` -- docstrings of the running Python's standard library, character
+  level; built locally, no download (the default).
+* ``shakespeare_char`` -- Tiny Shakespeare, character level (downloaded once).
+* ``shakespeare`` -- Tiny Shakespeare in GPT-2 BPE (tiktoken "gpt2").
+
+Large corpora are downloaded as Parquet files and tokenized across the Ray cluster by
+`prepare_corpus` (``pip install 'raygpt[corpora]'``):
+
+* ``fineweb_edu`` -- FineWeb-Edu's sample-10BT, ~10B GPT-2 tokens (~27 GB of Parquet).
+* ``openwebtext`` -- OpenWebText, ~9B GPT-2 tokens (21 tar files, ~13 GB, converted to
+  Parquet once, as the Hugging Face loading script reads them).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import http.client
+import os
+import re
+import sys
+import sysconfig
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raygpt.data.common import DOC_SEPARATOR, one_line
+from raygpt.errors import UserError
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SIZE = 1_115_394
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DOWNLOAD_TIMEOUT_S = 30.0
+
+# Directory names never descended into when building the pydocs corpus.
+PYDOCS_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "__pycache__",
+    }
+)
+_PYDOCS_CHARS = frozenset(chr(c) for c in range(32, 127)) | {"\n"}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- small datasets
+
+
+@dataclass
+class Source:
+    """Raw text of a dataset, as documents (a single file is one document)."""
+
+    documents: list[str]
+    description: str
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return DOC_SEPARATOR.join(self.documents)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    tokenizer: str
+    description: str
+    build: Callable[[Path], Source]  # argument: the cache root (for downloads)
+
+
+def _iter_docstring_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    """Module, class and function nodes in source order (depth first)."""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, kinds):
+            yield node
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+
+
+def pydocs_files(stdlib: str | Path | None = None) -> list[Path]:
+    """The standard-library *.py files the pydocs corpus reads, in sorted order."""
+    root = Path(stdlib if stdlib is not None else sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in PYDOCS_SKIP_DIRS)
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def pydocs_documents(stdlib: str | Path | None = None) -> list[str]:
+    """Printable-ASCII docstrings of the standard library (parsed with ast, never imported)."""
+    docs: list[str] = []
+    for path in pydocs_files(stdlib):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequence
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError, RecursionError, MemoryError):
+            continue
+        for node in _iter_docstring_nodes(tree):
+            doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
+            if doc and _PYDOCS_CHARS.issuperset(doc):
+                docs.append(doc)
+    return docs
+
+
+def build_pydocs_corpus(stdlib: str | Path | None = None) -> str:
+    """The pydocs_char corpus text (docstrings joined by blank lines)."""
+    return DOC_SEPARATOR.join(pydocs_documents(stdlib))
+
+
+def _python_version() -> str:
+    return ".".join(str(v) for v in sys.version_info[:3])
+
+
+def _source_pydocs(root: Path) -> Source:
+    return Source(
+        documents=pydocs_documents(),
+        description=f"docstrings of the Python {_python_version()} standard library",
+        extra_meta={"python_version": _python_version()},
+    )
+
+
+def _source_shakespeare(root: Path) -> Source:
+    path = download(
+        SHAKESPEARE_URL,
+        root / "downloads" / "tinyshakespeare.txt",
+        sha256=SHAKESPEARE_SHA256,
+        size=SHAKESPEARE_SIZE,
+    )
+    return Source(documents=[read_text_file(path)], description=SHAKESPEARE_URL)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "pydocs_char",
+            "char",
+            "Python standard-library docstrings, character level (built locally, no download)",
+            _source_pydocs,
+        ),
+        DatasetSpec(
+            "shakespeare_char",
+            "char",
+            "Tiny Shakespeare, character level (downloads 1.1 MB once)",
+            _source_shakespeare,
+        ),
+        DatasetSpec(
+            "shakespeare",
+            "gpt2",
+            "Tiny Shakespeare, GPT-2 BPE via tiktoken (downloads 1.1 MB once)",
+            _source_shakespeare,
+        ),
+    )
+}
+
+
+def read_text_file(path: str | Path) -> str:
+    """A local UTF-8 text file; missing, unreadable, non-UTF-8 or empty -> UserError."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"data file not found: {path}; pass --data-file with an existing file")
+    if not path.is_file():
+        raise UserError(f"data file is not a regular file: {path}; pass a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read data file {path} ({one_line(exc)})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"data file {path} is not valid UTF-8 (bad byte at offset {exc.start}); "
+            "convert it to UTF-8 text"
+        ) from exc
+    if not text:
+        raise UserError(f"data file {path} is empty; pass a file with text in it")
+    return text
+
+
+# --------------------------------------------------------------------------- download
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    *,
+    sha256: str,
+    size: int | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+) -> Path:
+    """Fetch `url` to `dest` once, verified by size and sha256.
+
+    An existing `dest` with the right sha256 is reused. The download goes to a
+    temporary file that is renamed into place only after it checks out, so a failure
+    or a mismatch leaves nothing cached. Failures raise UserError naming the URL.
+    """
+    dest = Path(dest)
+    if dest.is_file() and file_sha256(dest) == sha256:
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {dest.parent} ({one_line(exc)})") from exc
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex}.part")
+    alternative = (
+        "download it elsewhere and run with --data-file PATH pointing at a local copy "
+        f"(or put the file at {dest})"
+    )
+    try:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                for chunk in iter(lambda: resp.read(1 << 16), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+                    n += len(chunk)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise UserError(
+                f"could not download {url} ({one_line(reason)}); {alternative}"
+            ) from exc
+        digest = h.hexdigest()
+        if (size is not None and n != size) or digest != sha256:
+            expected = f"{size} bytes, " if size is not None else ""
+            raise UserError(
+                f"download from {url} is not the expected file (got {n} bytes, sha256 "
+                f"{digest}; expected {expected}sha256 {sha256}); nothing was cached; "
+                f"{alternative}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return dest
+
+
+# --------------------------------------------------------------------------- large corpora
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus too large to tokenize in one process: fetched as Parquet files (each with
+    a `text` column) and prepared by prepare_corpus across the Ray cluster."""
+
+    name: str
+    description: str
+    fetch: Callable[[Path], list[str]]  # the cache root -> local Parquet paths
+    val_fraction: float  # of documents, by content hash
+
+
+FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
+FINEWEB_EDU_FILES = "sample/10BT/*.parquet"
+OPENWEBTEXT_REPO = "Skylion007/openwebtext"
+OPENWEBTEXT_SUBSETS = 21  # subsets/urlsf_subset00.tar .. urlsf_subset20.tar
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError as exc:
+        raise UserError(
+            "downloading a named corpus needs huggingface_hub: pip install 'raygpt[corpora]' "
+            "(or prepare local files with --input PATH)"
+        ) from exc
+    return huggingface_hub
+
+
+def _hub_error(repo: str, exc: BaseException) -> UserError:
+    return UserError(
+        f"could not download from the Hugging Face dataset {repo} ({one_line(exc)}); check the "
+        "network (HF_ENDPOINT, HF_TOKEN), or download the files elsewhere and pass --input"
+    )
+
+
+def fetch_fineweb_edu(root: Path) -> list[str]:
+    """FineWeb-Edu sample-10BT's Parquet files, downloaded once (huggingface_hub resumes
+    and skips files already complete)."""
+    dest = root / "downloads" / "fineweb_edu"
+    try:
+        _hub().snapshot_download(
+            repo_id=FINEWEB_EDU_REPO,
+            repo_type="dataset",
+            allow_patterns=[FINEWEB_EDU_FILES],
+            local_dir=str(dest),
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # the hub's errors are many and version-dependent
+        raise _hub_error(FINEWEB_EDU_REPO, exc) from exc
+    files = sorted(str(p) for p in dest.glob(FINEWEB_EDU_FILES))
+    if not files:
+        raise UserError(f"no {FINEWEB_EDU_FILES} files arrived from {FINEWEB_EDU_REPO} in {dest}")
+    return files
+
+
+def fetch_openwebtext(root: Path) -> list[str]:
+    """OpenWebText as 21 Parquet files, one per subset tar, each converted once.
+
+    The dataset has no Parquet files of its own (Hugging Face converts only its first
+    5 GB) and `datasets` 4+ no longer runs its loading script, so the tars are read
+    here the way that script reads them.
+    """
+    hub = _hub()
+    dest = root / "downloads" / "openwebtext"
+    out = []
+    for i in range(OPENWEBTEXT_SUBSETS):
+        target = dest / "parquet" / f"urlsf_subset{i:02d}.parquet"
+        if not target.is_file():
+            name = f"subsets/urlsf_subset{i:02d}.tar"
+            try:
+                tar_path = hub.hf_hub_download(
+                    repo_id=OPENWEBTEXT_REPO,
+                    filename=name,
+                    repo_type="dataset",
+                    local_dir=str(dest),
+                )
+            except Exception as exc:  # the hub's errors are many and version-dependent
+                raise _hub_error(OPENWEBTEXT_REPO, exc) from exc
+            _openwebtext_tar_to_parquet(Path(tar_path), target)
+            Path(tar_path).unlink()  # 600 MB each; the Parquet file replaces it
+        out.append(str(target))
+    return out
+
+
+def _name(member: Any) -> str:
+    return member.name
+
+
+def _openwebtext_tar_to_parquet(tar_path: Path, target: Path) -> None:
+    """One subset tar (of .xz tars of .txt documents) -> one Parquet file, atomically.
+
+    As the Hugging Face script: each .txt is a document, runs of 3+ newlines become
+    2, and the text is stripped. Members are read in name order, so the file is the
+    same on every machine.
+    """
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    schema = pa.schema([("text", pa.string())])
+    try:
+        with tarfile.open(tar_path) as outer, pq.ParquetWriter(tmp, schema) as writer:
+            xzs = sorted((m for m in outer.getmembers() if m.name.endswith(".xz")), key=_name)
+            for member in xzs:
+                # Each .xz is itself a tar (of .txt files), read as a stream.
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r|xz") as inner:
+                    docs = sorted(
+                        (m.name, inner.extractfile(m).read()) for m in inner if m.isfile()
+                    )
+                texts = [re.sub("\n\n\n+", "\n\n", raw.decode("utf-8")).strip() for _, raw in docs]
+                writer.write_table(pa.table({"text": texts}, schema=schema))
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+CORPORA: dict[str, CorpusSpec] = {
+    spec.name: spec
+    for spec in (
+        CorpusSpec(
+            "fineweb_edu",
+            "FineWeb-Edu sample-10BT, ~10B GPT-2 tokens (downloads ~27 GB of Parquet once)",
+            fetch_fineweb_edu,
+            val_fraction=0.005,  # ~50M tokens, half llm.c's 100M-token val shard
+        ),
+        CorpusSpec(
+            "openwebtext",
+            "OpenWebText, ~9B GPT-2 tokens (downloads ~13 GB once)",
+            fetch_openwebtext,
+            val_fraction=0.0005,  # nanoGPT's test_size
+        ),
+    )
+}

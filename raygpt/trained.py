@@ -1,0 +1,233 @@
+"""A trained model and its tokenizer, ready for inference: what eval and export load.
+
+Two sources, one result (`Trained`: the GPT in eval mode on the CPU, the tokenizer it
+was trained with, the dataset facts that name that tokenizer, and a description):
+
+- a raygpt checkpoint (`from_checkpoint`): the shape is read off the saved weights,
+  the tokenizer from the data facts the checkpoint stores, and the padded vocabulary
+  rows are dropped, so the model's vocabulary is the tokenizer's;
+- Hugging Face GPT-2 weights (`from_pretrained`): a hub name or a directory. A
+  directory written by `python -m raygpt.export` carries `raygpt.json`, which names
+  its tokenizer (a character vocabulary, say); any other one is GPT-2 BPE.
+
+`encoding` injects a tiktoken Encoding in place of the downloaded GPT-2 one (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raygpt import checkpoint, data
+from raygpt.errors import UserError
+from raygpt.model import GPT, GPTConfig
+
+# The file `raygpt.export` writes beside the Hugging Face files: where the weights came
+# from and the dataset facts that rebuild the exact tokenizer they were trained with.
+EXPORT_META_FILE = "raygpt.json"
+EXPORT_META_FORMAT = 1
+# What an exported directory records about the data (the checkpoint's own data facts).
+DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
+
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+_LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.")
+
+
+@dataclass
+class Trained:
+    model: GPT  # eval mode, CPU, float32, vocabulary cut to the tokenizer's
+    tokenizer: Any  # data.CharTokenizer or data.GPT2Tokenizer
+    data: dict[str, Any]  # tokenizer facts: DATA_KEYS (as far as the source knows them)
+    description: str  # one line: where it came from
+    step: int | None = None  # optimizer steps, for a raygpt checkpoint
+    dropout: float = 0.0  # what training used (the model itself runs without)
+
+
+def from_checkpoint(
+    path_or_run: str, storage_path: str = "~/ray_results", *, encoding: Any = None
+) -> Trained:
+    """A raygpt checkpoint folder, its state.pt, a run folder (its latest checkpoint) or a
+    run name under storage_path. A damaged or foreign file is one UserError line."""
+    store, ckpt_dir = checkpoint.resolve(path_or_run, storage_path)
+    state = checkpoint.load(ckpt_dir, store)
+    where = store.display(ckpt_dir)
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise UserError(f"checkpoint {where} has no model weights")
+    weights = _strip_prefixes(weights)
+    data_info = state.get("data") if isinstance(state.get("data"), dict) else {}
+    tokenizer = _tokenizer(data_info, f"checkpoint {where}", encoding)
+    model_config = model_config_from_state(weights, state.get("config") or {}, where)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"checkpoint {where} has a {tokenizer.vocab_size}-token vocabulary but an output "
+            f"layer of {model_config.vocab_size}; the checkpoint is inconsistent"
+        )
+    # Training pads the vocabulary (50257 -> 50304) for faster matmuls; the padding rows
+    # are never targets, so they go: no sampled or exported id falls outside the tokenizer.
+    model_config.vocab_size = tokenizer.vocab_size
+    weights = {
+        k: v[: tokenizer.vocab_size] if k in ("lm_head.weight", "transformer.wte.weight") else v
+        for k, v in weights.items()
+    }
+    model = GPT(model_config)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"checkpoint {where} does not fit the GPT model ({detail})") from None
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
+    if missing or unexpected:
+        shown = ", ".join((missing + unexpected)[:4])
+        raise UserError(f"checkpoint {where} does not fit the GPT model ({shown})")
+    step = state.get("step")
+    return Trained(
+        model=model.float().eval(),
+        tokenizer=tokenizer,
+        data={k: data_info.get(k) for k in DATA_KEYS},
+        description=f"{where} (step {step}, {data_info.get('dataset')}, {tokenizer.kind})",
+        step=step if isinstance(step, int) else None,
+        dropout=float((state.get("config") or {}).get("dropout") or 0.0),
+    )
+
+
+def from_pretrained(name_or_dir: str, *, encoding: Any = None) -> Trained:
+    """Hugging Face GPT-2 weights: gpt2 ... gpt2-xl (hub) or a local directory."""
+    model = GPT.from_pretrained(name_or_dir)
+    meta_path = Path(str(name_or_dir)).expanduser() / EXPORT_META_FILE
+    if meta_path.is_file():
+        meta = read_export_meta(meta_path)
+        data_info = meta["data"]
+        description = f"{name_or_dir} (export of {meta.get('source')})"
+        step = meta.get("step") if isinstance(meta.get("step"), int) else None
+    else:
+        # Pretrained GPT-2 speaks GPT-2's BPE (a test's own small BPE stands in for it).
+        if encoding is None:
+            encoding = data.tokenizers.load_gpt2_encoding()
+        vocab_size = int(encoding.max_token_value) + 1
+        data_info = {"dataset": None, "tokenizer": "gpt2", "vocab_size": vocab_size}
+        description = f"{name_or_dir} (pretrained GPT-2)"
+        step = None
+    tokenizer = _tokenizer(data_info, str(name_or_dir), encoding)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"{name_or_dir} has a vocabulary of {model.config.vocab_size} tokens, fewer than its "
+            f"tokenizer's {tokenizer.vocab_size}; pass a checkpoint made with that tokenizer"
+        )
+    return Trained(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        data={k: data_info.get(k) for k in DATA_KEYS},
+        description=description,
+        step=step,
+    )
+
+
+def load(
+    checkpoint_: str | None,
+    init_from: str | None,
+    storage_path: str = "~/ray_results",
+    *,
+    encoding: Any = None,
+) -> Trained:
+    """Exactly one of a raygpt checkpoint or pretrained weights (the CLIs' two flags)."""
+    if (checkpoint_ is None) == (init_from is None):
+        raise UserError("give exactly one of --checkpoint PATH_OR_RUN or --init-from NAME_OR_DIR")
+    if checkpoint_ is not None:
+        return from_checkpoint(checkpoint_, storage_path, encoding=encoding)
+    return from_pretrained(str(init_from), encoding=encoding)
+
+
+def read_export_meta(path: Path) -> dict[str, Any]:
+    """raygpt.json of an exported directory, checked enough to rebuild its tokenizer."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err})") from None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != EXPORT_META_FORMAT
+        or not isinstance(meta.get("data"), dict)
+    ):
+        raise UserError(
+            f"{path} is not a raygpt export record (format {EXPORT_META_FORMAT} with a data "
+            "object); delete it to treat the directory as plain GPT-2"
+        )
+    return meta
+
+
+def _tokenizer(data_info: dict[str, Any], where: str, encoding: Any) -> Any:
+    kind = data_info.get("tokenizer")
+    if kind not in data.TOKENIZERS:
+        raise UserError(
+            f"{where} does not record its tokenizer (data.tokenizer is {kind!r}); "
+            "its token ids cannot be matched to text"
+        )
+    if kind == "char" and not (
+        isinstance(data_info.get("itos"), list)
+        and all(isinstance(c, str) and len(c) == 1 for c in data_info["itos"])
+    ):
+        raise UserError(f"{where} lacks its character vocabulary (data.itos)")
+    return data.tokenizer_from_meta(data_info, encoding=encoding)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def model_config_from_state(
+    weights: dict[str, torch.Tensor], config: dict[str, Any], where: str
+) -> GPTConfig:
+    """The GPTConfig of saved weights: shapes from the tensors, n_head from the run config.
+
+    Reading the shapes off the weights covers the padded vocabulary and runs started from
+    pretrained GPT-2 (init_from), whose shape is not in the config's n_layer / n_embd.
+    """
+    embedding = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
+    positions = weights.get("transformer.wpe.weight")
+    if embedding is None or positions is None or embedding.dim() != 2:
+        raise UserError(f"checkpoint {where} lacks the GPT embeddings (wte/wpe); not a GPT")
+    vocab_size, n_embd = embedding.shape
+    block_size = positions.shape[0]
+    n_layer = 1 + max((int(m.group(1)) for k in weights if (m := _LAYER_RE.match(k))), default=-1)
+    if n_layer == 0:
+        raise UserError(f"checkpoint {where} has no transformer blocks; not a GPT")
+    init_from = config.get("init_from", "scratch")
+    if init_from in (None, "scratch"):
+        n_head = config.get("n_head")
+    else:
+        # Every OpenAI GPT-2 size has 64-dimensional heads; a local directory says so itself.
+        hf_config = Path(str(init_from)).expanduser() / "config.json"
+        try:
+            n_head = json.loads(hf_config.read_text())["n_head"]
+        except (OSError, ValueError, KeyError, TypeError):
+            n_head = n_embd // 64
+    if not isinstance(n_head, int) or n_head <= 0 or n_embd % n_head:
+        raise UserError(
+            f"checkpoint {where} has n_head={n_head!r}, which does not divide n_embd={n_embd}"
+        )
+    return GPTConfig(
+        block_size=int(block_size),
+        vocab_size=int(vocab_size),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=int(n_embd),
+        dropout=0.0,
+        bias="transformer.ln_f.bias" in weights,
+    )
