@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from raygpt import data, launch, results, runtime, storage, trained
-from raygpt.config import DTYPES, OneLineArgumentParser, default_storage_path
+from raygpt.config import DTYPES, OneLineArgumentParser
 from raygpt.errors import UserError, exit_on_user_error
 from raygpt.evals import hellaswag, perplexity, scoring, workers
 
@@ -46,24 +46,7 @@ def build_parser() -> OneLineArgumentParser:
     )
     tasks.required = True
     common = OneLineArgumentParser(add_help=False)
-    source = common.add_argument_group("model (give one)")
-    source.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_RUN",
-        help="a checkpoint folder, its state.pt, a run folder (its latest checkpoint) or a run "
-        "name under --storage-path",
-    )
-    source.add_argument(
-        "--init-from",
-        metavar="NAME_OR_DIR",
-        help="Hugging Face GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
-        "directory (one written by raygpt.export brings its own tokenizer)",
-    )
-    common.add_argument(
-        "--storage-path",
-        default=default_storage_path(),
-        help="where run names are looked up (default $RAYGPT_STORAGE_PATH, else ~/ray_results)",
-    )
+    trained.add_source_arguments(common.add_argument_group("model (give one)"))
     common.add_argument(
         "--data-dir",
         help="the data cache (default $RAYGPT_DATA_DIR, else ~/.cache/raygpt)",

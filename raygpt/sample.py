@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from raygpt import trained
-from raygpt.config import DTYPES, OneLineArgumentParser, default_storage_path
+from raygpt.config import DTYPES, OneLineArgumentParser
 from raygpt.errors import UserError, exit_on_user_error
 from raygpt.runtime import Runtime, resolve_device, resolve_dtype
 
@@ -31,25 +31,7 @@ def build_parser() -> OneLineArgumentParser:
         prog="python -m raygpt.sample",
         description="Sample text from a raygpt checkpoint or from pretrained GPT-2 weights.",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_RUN",
-        help="a checkpoint folder, its state.pt, a run folder (its latest checkpoint) or a run "
-        "name under --storage-path",
-    )
-    source.add_argument(
-        "--init-from",
-        metavar="NAME_OR_DIR",
-        help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging "
-        "Face directory (uses the GPT-2 tokenizer)",
-    )
-    p.add_argument(
-        "--storage-path",
-        default=default_storage_path(),
-        help="where run names are looked up: a local path or s3://, gs:// "
-        "(default $RAYGPT_STORAGE_PATH, else ~/ray_results)",
-    )
+    trained.add_source_arguments(p)  # exactly one of the first two: trained.load checks
     p.add_argument(
         "--start",
         default="\n",

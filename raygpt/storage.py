@@ -116,7 +116,9 @@ class Storage:
 
     def read_bytes(self, fs_path: str) -> bytes:
         """The whole file; FileNotFoundError when it does not exist."""
-        with self.fs.open_input_stream(fs_path) as stream:
+        # compression=None: the bytes as stored; pyarrow would otherwise gunzip a "*.gz"
+        # key on read (and gzip it again on write), judging by the name alone.
+        with self.fs.open_input_stream(fs_path, compression=None) as stream:
             return stream.read()
 
     def write_bytes(self, fs_path: str, data: bytes) -> None:
@@ -127,7 +129,7 @@ class Storage:
         (one PUT; a multipart upload, for a large file, completes in one step).
         """
         if not self.is_local:
-            with self.fs.open_output_stream(fs_path) as stream:
+            with self.fs.open_output_stream(fs_path, compression=None) as stream:
                 stream.write(data)
             return
 

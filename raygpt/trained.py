@@ -48,6 +48,31 @@ class Trained:
     dropout: float = 0.0  # what training used (the model itself runs without)
 
 
+def add_source_arguments(parser: Any) -> None:
+    """--checkpoint, --init-from and --storage-path: how every CLI that loads a model
+    names it (sample, eval). `parser` is a parser or an argument group."""
+    from raygpt.config import default_storage_path
+
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_RUN",
+        help="a checkpoint folder, its state.pt, a run folder (its latest checkpoint) or a run "
+        "name under --storage-path",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="NAME_OR_DIR",
+        help="Hugging Face GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+        "directory (one written by raygpt.export brings its own tokenizer)",
+    )
+    parser.add_argument(
+        "--storage-path",
+        default=default_storage_path(),
+        help="where run names are looked up: a local path or s3://, gs:// "
+        "(default $RAYGPT_STORAGE_PATH, else ~/ray_results)",
+    )
+
+
 def from_checkpoint(
     path_or_run: str, storage_path: str = "~/ray_results", *, encoding: Any = None
 ) -> Trained:

@@ -99,6 +99,13 @@ def head(data_dir, tmp_path_factory):
             RAY, "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
             f"--ray-client-server-port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
+            # Ports of their own: the suite's private cluster (ray_cluster) may still run,
+            # and its dashboard agent holds the default 52365; the job server would then
+            # ask that cluster's agent, which refuses ("No available agent").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
