@@ -279,7 +279,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     prefetcher = BatchPrefetcher(micro_batches, device, cfg.max_steps)
     stats = StepStats(device, world_size)
-    lrs: dict[int, float] = {}
 
     # Rank 0 writes the rows since the last report as one Parquet part (and one
     # TensorBoard file) before each report: a lost report or a killed driver loses no row.
@@ -317,7 +316,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             step += 1
             stats.end_step(step, loss, grad_norm)
-            lrs[step] = lr
 
             is_last = step == cfg.max_steps
             evaluated = step % cfg.eval_interval == 0 or is_last
@@ -338,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train_loss": train_loss,
                     "val_loss": None,
                     "eval_train_loss": None,
-                    "lr": lrs.pop(reading.step),
+                    "lr": lr_at(reading.step - 1, cfg),  # the rate of that update
                     "grad_norm": reading.grad_norm,
                     "step_time_ms": reading.seconds * 1000,
                     "tokens_per_sec": tokens_per_sec,

@@ -361,6 +361,22 @@ class GPT(nn.Module):
 # --- loading Hugging Face GPT-2 checkpoints -------------------------------------------------
 
 
+# What DDP ("module.") and torch.compile ("_orig_mod.") put before the names of a wrapped
+# GPT's parameters; saved state and parameter groups are matched on the bare names.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without wrapper prefixes, however many and in whatever order."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
+
+
 def _resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; otherwise a hub id fetched (or found in the cache)."""
     path = Path(os.fspath(name_or_path)).expanduser()

@@ -26,6 +26,7 @@ from raygpt.errors import UserError
 # The schedule lives in lr_schedule.py; this name stays importable from here for the
 # callers written before it moved (loop.py, benchmarks/).
 from raygpt.lr_schedule import lr_at
+from raygpt.model import unwrapped_name
 
 __all__ = [
     "Lion",
@@ -180,18 +181,6 @@ class Muon(torch.optim.Optimizer):
 # (model.py keeps Hugging Face's GPT-2 names). Embeddings are lookups, not linear
 # maps, and the tied lm head is the token embedding.
 _HIDDEN_PREFIX = "transformer.h."
-# Prefixes that DDP (module.) and torch.compile (_orig_mod.) add to parameter names.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrapped_name(name: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
 
 
 def muon_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -202,7 +191,7 @@ def muon_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():  # tied weights once
         if not p.requires_grad:
             continue
-        if p.ndim == 2 and _unwrapped_name(name).startswith(_HIDDEN_PREFIX):
+        if p.ndim == 2 and unwrapped_name(name).startswith(_HIDDEN_PREFIX):
             hidden.append(p)
         elif p.ndim >= 2:
             other_matrices.append(p)

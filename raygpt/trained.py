@@ -25,7 +25,7 @@ import torch
 
 from raygpt import checkpoint, data
 from raygpt.errors import UserError
-from raygpt.model import GPT, GPTConfig
+from raygpt.model import GPT, GPTConfig, unwrapped_name
 
 # The file `raygpt.export` writes beside the Hugging Face files: where the weights came
 # from and the dataset facts that rebuild the exact tokenizer they were trained with.
@@ -34,7 +34,6 @@ EXPORT_META_FORMAT = 1
 # What an exported directory records about the data (the checkpoint's own data facts).
 DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
 
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 _LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.")
 
 
@@ -86,7 +85,7 @@ def from_checkpoint(
         isinstance(v, torch.Tensor) for v in weights.values()
     ):
         raise UserError(f"checkpoint {where} has no model weights")
-    weights = _strip_prefixes(weights)
+    weights = {unwrapped_name(k): v for k, v in weights.items()}
     data_info = state.get("data") if isinstance(state.get("data"), dict) else {}
     tokenizer = _tokenizer(data_info, f"checkpoint {where}", encoding)
     model_config = model_config_from_state(weights, state.get("config") or {}, where)
@@ -201,19 +200,6 @@ def _tokenizer(data_info: dict[str, Any], where: str, encoding: Any) -> Any:
     ):
         raise UserError(f"{where} lacks its character vocabulary (data.itos)")
     return data.tokenizer_from_meta(data_info, encoding=encoding)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
 
 
 def model_config_from_state(
