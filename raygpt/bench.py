@@ -97,14 +97,19 @@ def build_parser() -> OneLineArgumentParser:
         "--vocab-size",
         type=int,
         default=None,
-        help=f"vocabulary for --synthetic (default {GPT2_VOCAB} for gpt2, "
+        help="with --tokenizer bpe: the BPE's size (the config key); with --synthetic: the "
+        f"random tokens' vocabulary (default {GPT2_VOCAB} for gpt2, "
         f"{SYNTHETIC_CHAR_VOCAB} for char)",
     )
     bench.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1"
     )
+    # vocab_size is the benchmark's own --vocab-size above, which serves both meanings.
     add_dataclass_flags(
-        p, TrainConfig, exclude=RUN_ONLY_KEYS, title="config keys (TOML key = flag name)"
+        p,
+        TrainConfig,
+        exclude=(*RUN_ONLY_KEYS, "vocab_size"),
+        title="config keys (TOML key = flag name)",
     )
     return p
 
@@ -125,7 +130,8 @@ def make_batches(
     """(per step: grad_accum (x, y) CPU pairs, vocab size, description): rank 0's batches."""
     B, T = cfg.micro_batch_size(), cfg.block_size
     if synthetic:
-        vocab = vocab_size or (GPT2_VOCAB if _uses_gpt2(cfg) else SYNTHETIC_CHAR_VOCAB)
+        fallback = GPT2_VOCAB if _uses_gpt2(cfg) else SYNTHETIC_CHAR_VOCAB
+        vocab = vocab_size or cfg.vocab_size or fallback  # cfg's: a BPE size from the TOML
         gen = torch.Generator().manual_seed(cfg.seed)
         steps = []
         for _ in range(n_steps):
@@ -272,8 +278,6 @@ def _check_bench_args(args: dict[str, Any]) -> None:
         raise UserError(f"--bench-steps must be >= 1, got {args['bench_steps']}")
     if args["vocab_size"] is not None and args["vocab_size"] < 1:
         raise UserError(f"--vocab-size must be >= 1, got {args['vocab_size']}")
-    if args["vocab_size"] is not None and not args["synthetic"]:
-        raise UserError("--vocab-size applies to --synthetic only; real data has its own")
 
 
 @exit_on_user_error
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = {key: args.pop(key) for key in BENCH_KEYS}
     experiment = args.pop("experiment")
     _check_bench_args(bench)
+    if bench["vocab_size"] is not None and not bench["synthetic"]:
+        args["vocab_size"] = bench["vocab_size"]  # real data: the size of a BPE to train
     cfg = load_train_config(experiment, args)
     device = resolve_device(bench["device"])
     grad_accum = cfg.grad_accum_steps()

@@ -83,8 +83,13 @@ class TrainConfig:
 
     # --- data
     dataset: str = "pydocs_char"
-    data_file: str | None = None  # any local UTF-8 text; overrides dataset
-    tokenizer: str = "char"  # char | gpt2 (for data_file)
+    # Any local UTF-8 text, or JSONL (.jsonl, .jsonl.gz) with a "text" field per line (one
+    # document each); overrides dataset.
+    data_file: str | None = None
+    # char | gpt2 | bpe (for data_file, or bpe for a registered dataset): bpe trains a
+    # byte-level BPE of vocab_size tokens on the text, stored with the prepared dataset.
+    tokenizer: str = "char"
+    vocab_size: int | None = None  # bpe only: tokens, >= 257 (the 256 bytes + end-of-text)
     data_dir: str | None = None  # cache of prepared datasets
     # A prepared dataset used as it is: a folder with manifest.json (python -m raygpt.data
     # prepare), llm.c/modded-nanogpt shards, or nanoGPT's train.bin/val.bin; a local path
@@ -92,7 +97,11 @@ class TrainConfig:
     dataset_dir: str | None = None
 
     # --- model (GPT-2 architecture)
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | ... | path to HF weights
+    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 directory |
+    # a raygpt checkpoint (a checkpoint_* folder, or a run folder or run name: its latest),
+    # local or s3://, gs://. Pretrained weights bring their own shape: n_layer, n_head,
+    # n_embd and bias are ignored, block_size may only crop.
+    init_from: str = "scratch"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -134,11 +143,33 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 20
+    # Also estimate the train split's loss at each eval (as nanoGPT does); a sweep's
+    # trials can skip it: it doubles the eval cost and ranks nothing.
+    eval_train: bool = True
+    # Rung-time cooldown (rung_cooldown.py): at the steps in cooldown_at (a sweep sets
+    # them to ASHA's rungs) also evaluate a copy whose lr decays to min_lr over this
+    # fraction of the steps so far; the scheduler ranks trials on that value. 0: off.
+    rung_cooldown: float = 0.0
+    cooldown_at: list[int] = dataclasses.field(default_factory=list)
+    # Evaluate the initial model (init_from) once, as a step-0 row, and stop: no training.
+    eval_only: bool = False
     log_interval: int = 10
     checkpoint_interval: int | None = None  # steps between checkpoints; default: eval_interval
     checkpoint_upload: str = "async"  # async: ranks go on training while Ray uploads; or sync
     keep_checkpoints: int = 2
     divergence_factor: float = 3.0  # stop when loss > factor x first loss (0 disables)
+
+    # --- what rank 0 shows and sends during training
+    sample_every: int = 0  # steps between text samples, printed and in TensorBoard; 0: off
+    sample_tokens: int = 200  # new tokens per sample
+    sample_prompt: str = "\n"  # what samples continue, in the dataset's tokenizer
+    hellaswag_every: int = 0  # steps between HellaSwag acc_norm scores of the model; 0: off
+    hellaswag_limit: int = 200  # the first N val examples, per score
+    hellaswag_file: str | None = None  # a local JSONL in HellaSwag's format, not the download
+    wandb: str | None = None  # a W&B project: every step row goes there (raygpt[wandb])
+    # An MLflow tracking URI (a server, file:///PATH or a folder): every step row goes
+    # there (raygpt[mlflow]); the experiment is $MLFLOW_EXPERIMENT_NAME, else "raygpt".
+    mlflow: str | None = None
 
     # --- system
     seed: int = 1337
@@ -211,6 +242,11 @@ class TrainConfig:
             raise UserError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         _check_positive(self, "n_head", "n_embd", "block_size", "batch_size", "max_steps")
         _check_positive(self, "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
+        if not 0 <= self.rung_cooldown <= 1:
+            raise UserError(
+                f"rung_cooldown={self.rung_cooldown} must be between 0 (off) and 1 (a cooldown "
+                "as long as the steps so far)"
+            )
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise UserError(
                 f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}"
@@ -231,8 +267,17 @@ class TrainConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 "attention splits n_embd evenly across heads"
             )
-        if self.tokenizer not in ("char", "gpt2"):
-            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose char or gpt2")
+        if self.tokenizer not in ("char", "gpt2", "bpe"):
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; choose char, gpt2 or bpe")
+        if self.tokenizer == "bpe" and self.dataset_dir is None:
+            from raygpt.data.tokenizers import check_bpe_vocab_size  # the rule's one home
+
+            check_bpe_vocab_size(self.vocab_size)
+        elif self.vocab_size is not None and self.tokenizer != "bpe":
+            raise UserError(
+                f"vocab_size={self.vocab_size} is for --tokenizer bpe only; char and gpt2 "
+                "vocabularies are fixed by the text or the encoding"
+            )
         if self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         for key in ("use_gpu", "compile", "in_process"):
@@ -274,6 +319,34 @@ class TrainConfig:
                         "manifest.json, llm.c shards or nanoGPT's train.bin and val.bin"
                     )
                 self.dataset_dir = str(folder.resolve())  # workers run in other directories
+        if self.eval_only and self.resume:
+            raise UserError(
+                "--eval-only evaluates the initial model of a new run; to score a checkpoint "
+                "use --init-from CHECKPOINT --eval-only (or python -m raygpt.eval)"
+            )
+        for key in ("sample_every", "hellaswag_every"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key}={getattr(self, key)} must be >= 0 (0: off)")
+        _check_positive(self, "sample_tokens", "hellaswag_limit")
+        if self.hellaswag_file is not None:
+            path = Path(self.hellaswag_file).expanduser()
+            if not path.is_file():
+                raise UserError(
+                    f"hellaswag file {self.hellaswag_file} does not exist; give a JSONL file "
+                    "in HellaSwag's format, or leave it out to download the val split"
+                )
+            self.hellaswag_file = str(path.resolve())  # workers run in other directories
+        if self.wandb is not None and not re.fullmatch(r"[^/\\#?%:\s]{1,128}", self.wandb):
+            raise UserError(
+                f"wandb={self.wandb!r} is not a W&B project name (1 to 128 characters, none "
+                "of / \\ # ? % : or spaces)"
+            )
+        if self.mlflow is not None:
+            if not self.mlflow.strip():
+                raise UserError("mlflow is empty; give a tracking URI or a folder")
+            if "://" not in self.mlflow and not self.mlflow.startswith("databricks"):
+                # A folder: MLflow's file store, absolute because workers run elsewhere.
+                self.mlflow = Path(self.mlflow).expanduser().resolve().as_uri()
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; choose one")
         if self.name is not None and (not self.name or "/" in self.name or self.name[0] == "."):

@@ -256,6 +256,13 @@ def _dataset_dir(args: Any, model: trained.Trained, encoding: Any) -> Path | str
     if args.dataset_dir is not None:
         return args.dataset_dir
     if args.data_file is not None:
+        if kind == "bpe":
+            if model.tokenizer.kind != "bpe":
+                raise UserError(
+                    f"--tokenizer bpe scores with the model's own trained BPE, but "
+                    f"{model.description} uses {model.tokenizer.kind}; leave out --tokenizer"
+                )
+            encoding = model.tokenizer  # the text tokenized with the model's BPE, not a new one
         return data.prepare(
             None,
             data_file=args.data_file,
@@ -282,9 +289,13 @@ def _dataset_dir(args: Any, model: trained.Trained, encoding: Any) -> Path | str
 def _check_same_tokenizer(meta: dict[str, Any], model: trained.Trained) -> None:
     """Token ids only mean the same text when the vocabularies are the same."""
     tok = model.tokenizer
-    same = meta["tokenizer"] == tok.kind and (
-        meta.get("itos") == tok.itos if tok.kind == "char" else meta["vocab_size"] == tok.vocab_size
-    )
+    if tok.kind == "char":
+        same_vocabulary = meta.get("itos") == tok.itos
+    elif tok.kind == "bpe":
+        same_vocabulary = meta.get("tokenizer_sha256") == tok.sha256
+    else:
+        same_vocabulary = meta["vocab_size"] == tok.vocab_size
+    same = meta["tokenizer"] == tok.kind and same_vocabulary
     if not same:
         raise UserError(
             f"dataset {meta['dataset']} was tokenized with a {meta['vocab_size']}-token "

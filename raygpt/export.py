@@ -13,8 +13,9 @@ DIR gets what `GPT2LMHeadModel` and `AutoTokenizer` load, and what lm-evaluation
   are stored transposed, as HF keeps them (in, out); a model trained without biases gets
   zero biases, which compute the same; lm_head is left out, as HF ties it to wte;
 - tokenizer.json + tokenizer_config.json: GPT-2 BPE converted from the tiktoken encoding
-  (transformers' TikTokenConverter), or a character vocabulary as a `tokenizers`
-  WordLevel model. Either is checked to encode a probe text to raygpt's own ids;
+  (transformers' TikTokenConverter), a character vocabulary as a `tokenizers`
+  WordLevel model, or the byte-level BPE trained on the dataset (`--tokenizer bpe`), as
+  it is. Each is checked to encode a probe text to raygpt's own ids;
 - raygpt.json: the checkpoint it came from and its data facts, so that raygpt (eval,
   `--init-from DIR`) rebuilds the exact tokenizer rather than assume GPT-2's.
 
@@ -141,6 +142,10 @@ def hf_tokenizer(tokenizer: Any) -> Any:
         raise UserError(f"export needs the tokenizers package; {HF_EXTRA_HINT}") from None
     if tokenizer.kind == "char":
         built, probe = _char_tokenizer(tokenizer.itos), "".join(tokenizer.itos)
+    elif tokenizer.kind == "bpe":  # already a `tokenizers` BPE: written as it is
+        from tokenizers import Tokenizer
+
+        built, probe = Tokenizer.from_str(tokenizer.tokenizer_json), BPE_PROBE
     else:
         built, probe = _bpe_tokenizer(tokenizer.encoding), BPE_PROBE
     got, want = built.encode(probe).ids, tokenizer.encode(probe)
@@ -234,7 +239,8 @@ def export(model_and_tokenizer: trained.Trained, directory: str | Path, overwrit
             "format": trained.EXPORT_META_FORMAT,
             "source": t.description,
             "step": t.step,
-            "data": t.data,
+            # A trained BPE's JSON is the tokenizer.json beside it, not a second copy here.
+            "data": {k: v for k, v in t.data.items() if k != "tokenizer_json"},
             "raygpt_version": __version__,
         },
     }

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from raygpt import checkpoint, data, model
+from raygpt import checkpoint, data, trained
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
 from raygpt.storage import Storage
@@ -31,7 +31,7 @@ CONTROLLER_POLL_S = "0.25"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def connect(address: str | None, dashboard: bool = True) -> str:
+def connect(address: str | None, dashboard: bool = True, log_to_driver: bool = True) -> str:
     """Join a Ray cluster the way `ray.init()` does, or start a private one; say which.
 
     `address` None: RAY_ADDRESS (set inside `ray job submit` jobs), else the
@@ -41,6 +41,8 @@ def connect(address: str | None, dashboard: bool = True) -> str:
     Returns the line printed, which names the cluster and its size.
     `dashboard` False starts a private cluster without the dashboard's ~300 MB of
     processes (a batch job such as `raygpt.data prepare` has no use for it).
+    `log_to_driver` False leaves the workers' output in Ray's log files instead of
+    forwarding it to this console (a sweep's trials keep their own log files).
     """
     if ray.is_initialized():
         return describe_cluster("connected to")
@@ -50,7 +52,7 @@ def connect(address: str | None, dashboard: bool = True) -> str:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     target, source = _find_cluster(address)
     if target is None:
-        _start_private(dashboard)
+        _start_private(dashboard, log_to_driver)
         line = describe_cluster("started a private Ray cluster on this machine:")
     else:
         try:
@@ -58,7 +60,7 @@ def connect(address: str | None, dashboard: bool = True) -> str:
                 # A cluster found on this machine is joined the way `ray.init()` joins it,
                 # which also picks up the token of a cluster with token authentication.
                 found_here = source == _FOUND_HERE
-                ray.init(address=None if found_here else target, log_to_driver=True)
+                ray.init(address=None if found_here else target, log_to_driver=log_to_driver)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(_join_error(target, source, err)) from None
         line = describe_cluster(f"joined the Ray cluster at {target} ({source}):")
@@ -134,7 +136,7 @@ def in_process_use_gpu(use_gpu: str) -> bool:
     return torch.cuda.is_available() if use_gpu == "auto" else use_gpu == "true"
 
 
-def _start_private(dashboard: bool = True) -> None:
+def _start_private(dashboard: bool = True, log_to_driver: bool = True) -> None:
     """One logical CPU per core: Train controllers and sweep trial actors reserve
     no CPU, so the cores go to training workers, and more concurrent workers
     than cores would only slow every trial down."""
@@ -144,7 +146,7 @@ def _start_private(dashboard: bool = True) -> None:
             num_cpus=os.cpu_count() or 1,
             include_dashboard=dashboard,
             dashboard_host=os.environ.get(DASHBOARD_HOST_ENV, "127.0.0.1"),
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
 
 
@@ -187,9 +189,16 @@ def _bundles_per_node(cpus_per_worker: float, gpus_per_worker: float) -> list[in
     """How many worker bundles each live node can hold."""
     need = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
     return [
-        min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0)
+        min(bundles_that_fit(res.get(k, 0), v) for k, v in need.items() if v > 0)
         for res in (n["Resources"] for n in ray.nodes() if n.get("Alive"))
     ]
+
+
+def bundles_that_fit(available: float, each: float) -> int:
+    """How many shares of `each` fit in `available`: 1 // 0.1 is 9.0 in floating point,
+    but Ray counts resources in units of 1e-4, so ten 0.1-GPU trials share one GPU."""
+    units = 10_000
+    return round(available * units) // round(each * units)
 
 
 def auto_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
@@ -279,7 +288,7 @@ def prepare_run_dir(
 def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     """Prepare (or reuse) the dataset and check the block size fits it, before Ray starts."""
     dataset_dir, meta = data.prepare_from_config(cfg)
-    check_init_from(cfg, meta["vocab_size"])
+    check_init_from(cfg, meta)
     train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
     train_batches.sample_indices(
         0, 0, 0, cfg.micro_batch_size(), cfg.num_workers, cfg.grad_accum_steps()
@@ -288,21 +297,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     return dataset_dir, meta
 
 
-def check_init_from(cfg: TrainConfig, vocab_size: int) -> None:
-    """Pretrained weights must cover the block size and the vocabulary: say so before Ray
-    starts, not from inside a worker after the weights loaded (loop.build_model checks again)."""
-    if cfg.init_from == "scratch" or (shape := model.pretrained_shape(cfg.init_from)) is None:
-        return
-    if vocab_size > shape["vocab_size"]:
-        raise UserError(
-            f"data vocabulary ({vocab_size} tokens) is larger than {cfg.init_from}'s "
-            f"({shape['vocab_size']}); use --tokenizer gpt2 with pretrained weights"
-        )
-    if cfg.block_size > shape["n_positions"]:
-        raise UserError(
-            f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of "
-            f"{shape['n_positions']}; use a block_size <= {shape['n_positions']}"
-        )
+def check_init_from(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """Pretrained weights or a raygpt checkpoint (init_from) must cover the block size and
+    the vocabulary, and a checkpoint must share the data's tokenizer: say so before Ray
+    starts, not from inside a worker after the weights loaded (the loop checks again)."""
+    trained.check_init_fit(cfg, meta)
 
 
 def check_resume_compatible(
@@ -326,6 +325,7 @@ def build_trainer(
     run_info: dict[str, Any] | None = None,
     outputs: dict[str, Any] | None = None,
     in_process: bool = False,
+    gpus_per_worker: float = 1.0,
 ):
     """A TorchTrainer running the single training loop with `cfg`, its run folder
     `<storage>/<name>`. `outputs` says where the loop writes what Ray does not
@@ -343,6 +343,7 @@ def build_trainer(
         outputs |= {
             "in_process": True,
             "run_path": storage.path(name),
+            "run_name": name,
             "device": "cuda" if use_gpu else "cpu",
         }
         return TorchTrainer(
@@ -361,7 +362,7 @@ def build_trainer(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "run_info": run_info or {}, "outputs": outputs},
@@ -420,3 +421,47 @@ def find_user_error(exc: BaseException | None, _seen: set[int] | None = None) ->
     if marker in text:
         return UserError(text.split(marker, 1)[1].splitlines()[0])
     return None
+
+
+# --------------------------------------------------------------------------- GPU memory
+
+
+def gpu_memory_bytes(share: float, timeout_s: float = 60.0) -> int | None:
+    """Total memory of a GPU a trial would get, asked of a GPU node (the driver may have
+    none); None when no GPU answers in time (the check is then skipped, not guessed)."""
+
+    @ray.remote(num_gpus=share, num_cpus=0)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    ref = total_memory.remote()
+    try:
+        return int(ray.get(ref, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None
+
+
+def check_gpu_memory(cfg: TrainConfig, vocab_size: int, share: float, total: int | None) -> None:
+    """Refuse a trial whose estimated peak memory exceeds its share of the GPU.
+
+    Ray does not enforce GPU memory, so four 0.25-GPU trials that each need 30 GiB
+    would all start and then die of out-of-memory errors mid-sweep.
+    """
+    from raygpt.memory_estimate import estimate_training_bytes
+
+    if total is None:
+        print("[raygpt] no GPU answered in time; trial memory not checked", flush=True)
+        return
+    need = estimate_training_bytes(cfg, vocab_size)
+    have = share * total
+    if need > have:
+        raise UserError(
+            f"each trial needs about {need / 2**30:.1f} GiB of GPU memory (batch_size="
+            f"{cfg.micro_batch_size()} x block_size={cfg.block_size}, {cfg.n_layer}x{cfg.n_embd} "
+            f"model, {cfg.optimizer}), but --gpus-per-trial {share:g} of a "
+            f"{total / 2**30:.0f} GiB GPU is {have / 2**30:.1f} GiB; raise --gpus-per-trial "
+            "or lower --batch-size"
+        )

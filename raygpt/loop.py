@@ -23,13 +23,16 @@ step is a part boundary and a run resumed from it rewrites the same parts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray.train
@@ -38,9 +41,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from raygpt import checkpoint, data, metrics, results, status
+from raygpt import (
+    checkpoint,
+    data,
+    generation,
+    metrics,
+    model_summary,
+    results,
+    rung_cooldown,
+    status,
+    trackers,
+    trained,
+)
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
+from raygpt.evals.during_training import HellaSwagProbe
 from raygpt.lr_schedule import lr_at
 from raygpt.model import GPT, GPTConfig
 from raygpt.optim import build_optimizer, set_lr, set_optimizer_mode
@@ -49,6 +64,7 @@ from raygpt.runtime import Runtime, cpu_threads_available
 from raygpt.step_stats import StepStats
 from raygpt.storage import Storage
 from raygpt.train_step import train_step
+from raygpt.trial_log import maybe_capture
 
 # Fault injection for the reliability tests and for drills on a real cluster:
 # RAYGPT_FAIL_AT="RANK:STEP[:MODE[:OPTIMIZER]]" makes that rank fail after STEP
@@ -57,8 +73,16 @@ from raygpt.train_step import train_step
 # "raise" (the loop raises, as on a bad batch); OPTIMIZER limits it to runs of
 # that optimizer, so one trial of a sweep can fail while the others go on.
 FAIL_AT_ENV = "RAYGPT_FAIL_AT"
-# What a checkpoint records about its data, to refuse resuming on other data.
-CHECKPOINT_DATA_KEYS = ("dataset", "tokenizer", "vocab_size", "itos", "source_sha256")
+# What a checkpoint records about its data, to refuse resuming on other data, and the
+# tokenizer (a character vocabulary, a trained BPE's JSON) that sample and export rebuild.
+CHECKPOINT_DATA_KEYS = (
+    "dataset",
+    "tokenizer",
+    "vocab_size",
+    "itos",
+    "source_sha256",
+    "tokenizer_json",
+)
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -67,7 +91,7 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    """A fresh GPT from the config, or pretrained GPT-2 weights (`init_from`)."""
+    """A fresh GPT from the config, or the weights `init_from` names (trained.py)."""
     if cfg.init_from == "scratch":
         return GPT(
             GPTConfig(
@@ -80,20 +104,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
                 bias=cfg.bias,
             )
         )
-    model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
-    if vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"data vocabulary ({vocab_size} tokens) is larger than {cfg.init_from}'s "
-            f"({model.config.vocab_size}); use --tokenizer gpt2 with pretrained weights"
-        )
-    if cfg.block_size > model.config.block_size:
-        raise UserError(
-            f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of "
-            f"{model.config.block_size}; use a block_size <= {model.config.block_size}"
-        )
-    if cfg.block_size < model.config.block_size:
-        model.crop_block_size(cfg.block_size)
-    return model
+    return trained.model_to_train(cfg, vocab_size)
 
 
 @torch.no_grad()
@@ -148,6 +159,41 @@ def _newest_state(run: Storage, run_path: str) -> tuple[dict[str, Any] | None, s
     return None, None
 
 
+def _world(outputs: dict[str, Any]) -> tuple[int, int, str]:
+    """(rank, world size, run name). Ray refuses `ray.train.get_context()` inside a Tune
+    function, which is where a one-worker sweep trial runs this loop (local mode): one
+    rank, named by the driver."""
+    if outputs.get("tune_session"):
+        return 0, 1, outputs["run_name"]
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), context.get_experiment_name()
+
+
+def _tune_checkpoint_state() -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint Tune hands this trial: its own latest (a restored sweep, a retry
+    after a failure, a HyperBand pause) or, under PBT, the one cloned from a better trial."""
+    import ray.tune
+
+    found = ray.tune.get_checkpoint()
+    if found is None:
+        return None, None
+    with found.as_directory() as folder:
+        return checkpoint.load(folder), found.path
+
+
+def _report_to_tune(report: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """`ray.tune.report`, with the state as a Tune checkpoint when there is one. Tune
+    persists it to the sweep's storage before returning, so the folder can go."""
+    import ray.tune
+
+    if state is None:
+        ray.tune.report(report)
+        return
+    with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as tmp:
+        checkpoint.save(tmp, state)
+        ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
 def _maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> None:
     spec = os.environ.get(FAIL_AT_ENV)
     if not spec or resumed:
@@ -179,16 +225,30 @@ def _quiet_ray_train_logs() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train one GPT on this rank; called by Ray Train on every worker."""
+    """Train one GPT on this rank; called by Ray Train on every worker.
+
+    A sweep trial's rank 0 keeps its lines in the trial's own log file (trial_log.py),
+    saved at every report, so the sweep's console shows one live view."""
+    outputs = config["outputs"]
+    log_path = outputs.get("log_path") if _world(outputs)[0] == 0 else None
+    with maybe_capture(outputs["storage"], log_path, outputs.get("echo", True)) as log:
+        _train(config, after_report=log.save if log is not None else None)
+
+
+def _train(config: dict[str, Any], after_report: Callable[[], None] | None = None) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     _quiet_ray_train_logs()
     run_info = config.get("run_info", {})  # trial id etc., stamped on every step row
     outputs = config["outputs"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size, run_name = _world(outputs)
     # In-process runs (Ray Train's local mode) have no Ray storage context: the
     # driver names the run folder, and checkpoints go there through our storage.
     in_process = outputs.get("in_process", False)
+    # A one-worker sweep trial runs in its Tune trial's own process (local mode): it
+    # reports to Tune directly, checkpoints included, so Tune's own restore, failure
+    # retries and PBT's checkpoint cloning all work on them.
+    tune_session = outputs.get("tune_session", False)
+    timeline = {"workers_up_at": time.time()}
     if in_process:  # the driver chose, honouring use_gpu (local mode would take any GPU)
         device = torch.device(outputs["device"])
         if device.type == "cuda":
@@ -198,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     is_main = rank == 0
     # The run folder, on whatever storage the driver resolved (local, NFS, s3://).
     run: Storage = outputs["storage"]
-    run_path = outputs.get("run_path") or context.get_storage().experiment_fs_path
+    run_path = outputs.get("run_path") or ray.train.get_context().get_storage().experiment_fs_path
     tensorboard_path = outputs.get("tensorboard_path") or f"{run_path}/{results.TENSORBOARD_DIR}"
 
     if device.type == "cpu":
@@ -213,10 +273,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     grad_accum = cfg.grad_accum_steps(world_size)
     micro = cfg.micro_batch_size(world_size)  # batch_size, or less where it must divide
-    eval_sets = {
-        "val": val_batches.eval_batches(cfg.eval_iters, micro, rank, world_size),
-        "train": train_batches.eval_batches(cfg.eval_iters, micro, rank, world_size),
-    }
+    eval_sets = {"val": val_batches.eval_batches(cfg.eval_iters, micro, rank, world_size)}
+    if cfg.eval_train or cfg.eval_only:  # eval-only reports both splits
+        eval_sets["train"] = train_batches.eval_batches(cfg.eval_iters, micro, rank, world_size)
 
     model = build_model(cfg, meta["vocab_size"]).to(device)
     optimizer = build_optimizer(model, cfg, device.type)
@@ -224,7 +283,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step, first_loss, best_val = 0, None, math.inf
     last_val: float | None = None
-    state, state_path = _newest_state(run, run_path)
+    rung_val: float | None = None
+    cooldown_seconds = 0.0
+    if tune_session:
+        state, state_path = _tune_checkpoint_state()
+    else:
+        state, state_path = _newest_state(run, run_path)
     resumed = state is not None
     if state is not None:
         checkpoint.check_compatible(state, cfg.to_dict(), meta["vocab_size"])
@@ -246,6 +310,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     workers = _describe_workers(device, world_size)
     if is_main and start_step == 0:
         _record_workers(run, run_path, workers)
+    # What rank 0 shows besides losses: the model's size by module, and text samples;
+    # HellaSwag runs on every rank, each scoring its share of the examples.
+    samples = generation.TrainingSamples.from_config(cfg, meta) if is_main else None
+    hellaswag_probe = HellaSwagProbe.from_config(cfg, meta, rank, world_size)
+    last_hellaswag: float | None = None
+    if is_main:
+        print(model_summary.format_table(model), flush=True)
+        if hellaswag_probe is not None:
+            print(hellaswag_probe.describe(cfg.hellaswag_every), flush=True)
     flops_per_token = model.flops_per_token()
     peak = metrics.peak_flops(workers[0]["device_name"], cfg.peak_tflops)
     tokens_per_step = cfg.resolved_tokens_per_step
@@ -278,13 +351,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ]
 
     prefetcher = BatchPrefetcher(micro_batches, device, cfg.max_steps)
+
+    def cooldown_step(s: int, lr: float) -> None:
+        """One step of a rung cooldown's copy (rung_cooldown.py), on step s's batches."""
+        torch.manual_seed(step_seed(cfg.seed, rank, s))
+        batches = [
+            (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            for x, y in micro_batches(s)
+        ]
+        train_step(
+            train_model,
+            parameters,
+            optimizer,
+            scaler,
+            batches,
+            runtime.autocast,
+            cfg.grad_clip,
+            no_sync=ddp.no_sync if ddp is not None else None,
+        )
+
     stats = StepStats(device, world_size)
 
     # Rank 0 writes the rows since the last report as one Parquet part (and one
     # TensorBoard file) before each report: a lost report or a killed driver loses no row.
     pending_rows: list[dict[str, Any]] = []
     row_identity = {
-        "run": context.get_experiment_name(),
+        "run": run_name,
         "trial_id": "",
         "optimizer": cfg.optimizer,
         "learning_rate": cfg.learning_rate,
@@ -293,17 +385,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The driver's metadata (config, versions, cluster) rides in every part's footer,
     # with the hardware the ranks actually ran on.
     part_metadata = {**(outputs.get("metadata") or {"config": cfg.to_dict()}), "workers": workers}
+    if cfg.eval_only:  # max_steps of training skipped: the initial model's evaluation only
+        row, report = _step_zero(evaluate(eval_model, eval_sets, runtime, world_size), row_identity)
+        if is_main:
+            results.write_step_part(run, run_path, [row], part_metadata)
+            results.write_tensorboard_part(run, tensorboard_path, [row])
+            print(
+                f"[raygpt] eval only, step 0: train loss {row['eval_train_loss']:.4f}, "
+                f"val loss {row['val_loss']:.4f} ({cfg.eval_iters} batches each)",
+                flush=True,
+            )
+        if tune_session:
+            _report_to_tune(report, None)
+        elif in_process:
+            ray.train.report(report)
+        else:
+            _report(report, None, 0, cfg.checkpoint_upload)
+        prefetcher.close()
+        return
     started = time.perf_counter()
     step = start_step
     train_loss = math.nan
     set_optimizer_mode(optimizer, training=True)  # schedule-free: weights at the train point
+    tracker: trackers.RunTrackers | None = None
     try:
+        if is_main:  # this attempt's W&B / MLflow runs, when asked for
+            tracker = trackers.RunTrackers.open(cfg, run_name, run_info)
         while step < cfg.max_steps:
             torch.manual_seed(step_seed(cfg.seed, rank, step))
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             batches = prefetcher.get(step)
             stats.start_step()
+            timeline.setdefault("first_step_at", time.time())
             loss, grad_norm = train_step(
                 train_model,
                 parameters,
@@ -320,7 +434,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             is_last = step == cfg.max_steps
             evaluated = step % cfg.eval_interval == 0 or is_last
             save_now = step % ckpt_interval == 0 or is_last
-            if not (evaluated or save_now or step % cfg.log_interval == 0):
+            # Decided from the config alone: every rank must take part in the read below.
+            sample_now = _due(step, cfg.sample_every, is_last)
+            probe_now = _due(step, cfg.hellaswag_every, is_last)
+            if not (
+                evaluated or save_now or sample_now or probe_now or step % cfg.log_interval == 0
+            ):
                 _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
                 continue  # nothing to show or report: the device runs ahead
 
@@ -359,11 +478,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if evaluated:
                 losses = evaluate(eval_model, eval_sets, runtime, world_size)
                 if is_main:
-                    row["val_loss"], row["eval_train_loss"] = losses["val"], losses["train"]
+                    row["val_loss"], row["eval_train_loss"] = losses["val"], losses.get("train")
                 last_val = losses["val"] if math.isfinite(losses["val"]) else math.inf
                 best_val = min(best_val, last_val)
                 diverged = diverged or not math.isfinite(losses["val"])
-            if is_main and (step % cfg.log_interval == 0 or evaluated):
+                rung_val = last_val
+                if not diverged and rung_cooldown.applies(cfg, step):
+                    cooldown_started = time.perf_counter()
+                    rung_val = rung_cooldown.cooled_val_loss(
+                        cfg,
+                        step,
+                        model,
+                        optimizer,
+                        scaler,
+                        run_steps=cooldown_step,
+                        evaluate_val=lambda: evaluate(
+                            eval_model, {"val": eval_sets["val"]}, runtime, world_size
+                        )["val"],
+                    )
+                    cooldown_seconds += time.perf_counter() - cooldown_started
+                    if is_main:
+                        row["cooled_val_loss"] = rung_val
+            if sample_now or probe_now:
+                set_optimizer_mode(optimizer, training=False)  # schedule-free: averaged weights
+                if probe_now and hellaswag_probe is not None:
+                    last_hellaswag = hellaswag_probe.score(model, runtime)
+                    if is_main:
+                        row["hellaswag_acc_norm"] = last_hellaswag
+                if sample_now and samples is not None:
+                    row["sample"] = samples.sample(model, runtime, step)  # TensorBoard text
+                    print(f"[raygpt] sample at step {step}:\n{row['sample']}", flush=True)
+                if not (evaluated or save_now):  # else the report below switches back
+                    set_optimizer_mode(optimizer, training=True)
+            if is_main and (step % cfg.log_interval == 0 or evaluated or probe_now):
                 done = step - start_step
                 eta = (time.perf_counter() - started) / done * (cfg.max_steps - step)
                 print(metrics.progress_line(row, cfg.max_steps, eta), flush=True)
@@ -377,11 +524,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # repeats the last val loss (inf before the first eval; ASHA's rungs
                     # are evals).
                     "val_loss": last_val if last_val is not None else math.inf,
+                    # What ASHA ranks when the sweep asks for rung cooldowns: the cooled
+                    # copy's val at a rung, the plain val elsewhere.
+                    "rung_val_loss": rung_val if rung_val is not None else math.inf,
+                    "cooldown_seconds": cooldown_seconds,  # this attempt's, so far
                     "best_val_loss": best_val,
                     "evaluated": evaluated,
                     "lr": lr,
                     "diverged": diverged,
                     "done": is_last,
+                    **(
+                        {"hellaswag_acc_norm": last_hellaswag} if last_hellaswag is not None else {}
+                    ),
+                    # When this attempt's worker came up, began and (so far) ended its steps:
+                    # the sweep's per-trial timeline.
+                    **timeline,
+                    "last_step_at": time.time(),
                 }
                 state_now = None
                 if save_now and is_main:
@@ -394,17 +552,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "best_val_loss": best_val,
                         "last_val_loss": last_val,
                         "config": cfg.to_dict(),
+                        # The shape itself: init_from runs' differs from the config's keys.
+                        "model_config": dataclasses.asdict(model.config),
                         "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS},
                     }
                 if is_main:
                     results.write_step_part(run, run_path, pending_rows, part_metadata)
                     results.write_tensorboard_part(run, tensorboard_path, pending_rows)
-                if in_process:
+                    if tracker is not None:
+                        tracker.log_rows(pending_rows)
+                if tune_session:
+                    _report_to_tune(report, state_now)
+                elif in_process:
                     _save_in_process(run, run_path, state_now, step, cfg.keep_checkpoints)
                     ray.train.report(report)
                 else:
                     _report(report, state_now, step, cfg.checkpoint_upload)
                 pending_rows = []
+                if after_report is not None:
+                    after_report()
                 # Only now: the checkpoint's state dict shares memory with the live weights.
                 set_optimizer_mode(optimizer, training=True)
                 if diverged:
@@ -417,6 +583,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _maybe_inject_fault(rank, step, resumed, cfg.optimizer)
     finally:
         prefetcher.close()
+        if tracker is not None:
+            tracker.close(failed=sys.exc_info()[0] is not None)
+
+
+def _due(step: int, every: int, is_last: bool) -> bool:
+    """Whether a periodic extra (a sample, a HellaSwag score) runs at `step`: every `every`
+    steps and at the last one, so the final model always gets one; never when `every` is 0."""
+    return every > 0 and (step % every == 0 or is_last)
+
+
+def _step_zero(
+    losses: dict[str, float], row_identity: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The step row and the report of an --eval-only run: the initial model's losses."""
+    row = {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_loss": None,  # no training step was taken
+        "val_loss": losses["val"],
+        "eval_train_loss": losses["train"],
+        **row_identity,
+    }
+    report = {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_loss": losses["train"],
+        "val_loss": losses["val"],
+        "best_val_loss": losses["val"],
+        "evaluated": True,
+        "lr": 0.0,
+        "diverged": not math.isfinite(losses["val"]),
+        "done": True,
+    }
+    return row, report
 
 
 def _describe_workers(device: torch.device, world_size: int) -> list[dict[str, Any]]:

@@ -103,6 +103,8 @@ def progress_line(row: dict[str, Any], max_steps: int, eta_seconds: float | None
     parts = [f"step {row['step']}/{max_steps}", f"loss {row['train_loss']:.4f}"]
     if row.get("val_loss") is not None:
         parts.append(f"val {row['val_loss']:.4f}")
+    if row.get("hellaswag_acc_norm") is not None:
+        parts.append(f"hellaswag {row['hellaswag_acc_norm']:.4f}")
     parts.append(f"lr {row['lr']:.2e}")
     parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
     parts.append(f"mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "mfu n/a")

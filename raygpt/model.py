@@ -280,13 +280,15 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_size: int | None = None,
     ) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + max_new_tokens).
 
         Each step feeds at most the last block_size tokens, divides the last logits by
         temperature, keeps only the top_k most likely tokens when top_k is given, and samples
         (with `generator` when given, for reproducible output). Call model.eval() first if
-        the model has dropout.
+        the model has dropout. `vocab_size`: sample only ids below it, the tokenizer's own,
+        when the model's vocabulary is padded (training pads 50257 to 50304).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise UserError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
@@ -305,7 +307,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :vocab_size] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
@@ -474,7 +476,13 @@ def _read_hf_config(directory: Path) -> dict:
 
 def _load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """Read the weights without transformers: safetensors preferred, then pytorch .bin."""
-    from safetensors.torch import load_file
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(
+            f"reading the weights in {directory} needs the safetensors package: "
+            "pip install 'raygpt[hf]'"
+        ) from None
 
     def load_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)

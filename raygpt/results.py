@@ -52,12 +52,14 @@ STEP_SCHEMA = pa.schema(
         ("tokens_seen", pa.int64()),
         ("train_loss", pa.float64()),
         ("val_loss", pa.float64()),
+        ("cooled_val_loss", pa.float64()),  # a rung's cooled copy (rung_cooldown.py), if any
         ("eval_train_loss", pa.float64()),
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),
         ("step_time_ms", pa.float64()),
         ("tokens_per_sec", pa.float64()),
         ("mfu", pa.float64()),
+        ("hellaswag_acc_norm", pa.float64()),  # at hellaswag_every steps, else null
     ]
 )
 STEP_COLUMNS = tuple(STEP_SCHEMA.names)
@@ -82,6 +84,23 @@ TRIAL_SCHEMA = pa.schema(
         ("mean_tokens_per_sec", pa.float64()),
         ("mean_mfu", pa.float64()),
         ("checkpoint_path", pa.string()),
+        # Seeds: a configuration (every param but the seed) repeated over seeds.
+        ("seed", pa.int64()),
+        ("config_key", pa.string()),
+        ("phase", pa.string()),  # search, or confirm (--confirm-top reruns)
+        ("steps_to_target", pa.int64()),  # first eval step with val <= --target-loss
+        # Timeline (Unix seconds): queued by Tune, its process started, the loop entered
+        # (workers up), first and last training step, torn down. Overhead is the trial's
+        # time outside training and evaluation: up to its first step and after its last.
+        ("queued_at", pa.float64()),
+        ("started_at", pa.float64()),
+        ("workers_up_at", pa.float64()),
+        ("first_step_at", pa.float64()),
+        ("last_step_at", pa.float64()),
+        ("torn_down_at", pa.float64()),
+        ("overhead_seconds", pa.float64()),
+        ("cooldown_seconds", pa.float64()),  # training the rung cooldowns' copies
+        ("hellaswag_acc_norm", pa.float64()),  # the latest, with --hellaswag-every
     ]
 )
 
@@ -269,13 +288,17 @@ def dedupe_steps(table: pa.Table) -> pa.Table:
 TENSORBOARD_TAGS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
+    "cooled_val_loss": "loss/val_cooled",
     "eval_train_loss": "loss/train_eval",
     "lr": "optim/lr",
     "grad_norm": "optim/grad_norm",
     "tokens_per_sec": "perf/tokens_per_sec",
     "step_time_ms": "perf/step_time_ms",
     "mfu": "perf/mfu",
+    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
 }
+# Row keys holding text (not step columns: TensorBoard only), under the text plugin.
+TENSORBOARD_TEXT_TAGS = {"sample": "samples"}
 
 
 def tensorboard_file_name(first: int, last: int) -> str:
@@ -312,6 +335,11 @@ def write_tensorboard_part(storage: Storage, logdir: str, rows: list[dict[str, A
                 for key, tag in TENSORBOARD_TAGS.items()
                 if row.get(key) is not None
             ]
+            values += [
+                _text_value(tag, row[key])
+                for key, tag in TENSORBOARD_TEXT_TAGS.items()
+                if row.get(key)
+            ]
             writer.add_event(
                 event_pb2.Event(
                     step=int(row["step"]), wall_time=now, summary=summary_pb2.Summary(value=values)
@@ -320,3 +348,22 @@ def write_tensorboard_part(storage: Storage, logdir: str, rows: list[dict[str, A
         writer.close()
         (event_file,) = Path(tmp).glob("events.out.tfevents.*")
         storage.upload_file(event_file, f"{logdir}/{tensorboard_file_name(min(steps), max(steps))}")
+
+
+def _text_value(tag: str, text: str):
+    """A text-plugin summary value. TensorBoard renders text as Markdown: indented four
+    spaces, the text is a code block, its newlines and spacing shown as written."""
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+    block = "\n".join("    " + line for line in text.split("\n"))
+    return summary_pb2.Summary.Value(
+        tag=tag,
+        metadata=summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        ),
+        tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            string_val=[block.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        ),
+    )

@@ -3,11 +3,16 @@
     python -m raygpt.sample --checkpoint RUN_NAME            # latest checkpoint of a run
     python -m raygpt.sample --checkpoint path/to/checkpoint_0002000 --start "ROMEO:"
     python -m raygpt.sample --init-from gpt2 --start FILE:prompt.txt
+    python -m raygpt.sample --checkpoint RUN_NAME --interactive   # a prompt per line
 
 A checkpoint brings its own model shape (read from the saved weights) and its
 tokenizer (the character vocabulary stored in the checkpoint, or GPT-2 BPE via
 tiktoken). Samples go to stdout, each followed by a `---------------` line;
 what was loaded goes to stderr. The same seed gives the same text.
+
+--interactive loads the model once, then reads prompts from stdin, one a line, and
+prints each one's continuation, until end of input, an empty line or `:q`. A prompt
+the tokenizer cannot write is an `error:` line on stderr, and the next prompt is read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-from raygpt import trained
+from raygpt import generation, trained
 from raygpt.config import DTYPES, OneLineArgumentParser
 from raygpt.errors import UserError, exit_on_user_error
 from raygpt.runtime import Runtime, resolve_device, resolve_dtype
@@ -37,7 +42,17 @@ def build_parser() -> OneLineArgumentParser:
         default="\n",
         help='the prompt (default "\\n"); FILE:path reads it from a file',
     )
-    p.add_argument("--num-samples", type=int, default=3, help="how many samples (default 3)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        help="samples per prompt (default 3; 1 with --interactive)",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one a line, until end of input, an empty line or :q "
+        "(--start is not used)",
+    )
     p.add_argument(
         "--max-new-tokens", type=int, default=300, help="tokens per sample (default 300)"
     )
@@ -87,18 +102,11 @@ def read_prompt(start: str) -> str:
         raise UserError(f"cannot read prompt file {path} ({type(err).__name__}: {err})") from None
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt)  # a character outside the vocabulary: UserError naming it
-    if ids:
-        return ids
-    if tokenizer.eos_token is not None:
-        return [tokenizer.eos_token]  # GPT-2 starts documents after <|endoftext|>
-    raise UserError("the prompt is empty; pass --start with at least one character")
-
-
 def _check_args(args) -> None:
     if args.checkpoint is None and args.init_from is None:
         raise UserError("give --checkpoint PATH_OR_RUN or --init-from gpt2 (see --help)")
+    if args.num_samples is None:
+        args.num_samples = 1 if args.interactive else 3
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
@@ -117,29 +125,58 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     runtime = Runtime(device, resolve_dtype(args.dtype, device), compile=False)
-    prompt = read_prompt(args.start)
+    prompt = None if args.interactive else read_prompt(args.start)
 
     loaded = trained.load(args.checkpoint, args.init_from, args.storage_path)
     model, tokenizer, description = loaded.model.to(device), loaded.tokenizer, loaded.description
-    ids = encode_prompt(tokenizer, prompt)
+    ids = None if prompt is None else generation.encode_prompt(tokenizer, prompt)
     print(f"[raygpt] sampling from {description} on {device}", file=sys.stderr, flush=True)
 
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-    top_k = args.top_k or None
-    with torch.no_grad(), runtime.autocast():
-        for _ in range(args.num_samples):
-            y = model.generate(
-                x,
+
+    def complete(ids: list[int]) -> list[list[int]]:
+        return [
+            generation.generate(
+                model,
+                ids,
                 args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=top_k,
+                runtime=runtime,
                 generator=generator,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
             )
-            print(tokenizer.decode(y[0].tolist()))
-            print(SEPARATOR, flush=True)
+            for _ in range(args.num_samples)
+        ]
+
+    if ids is None:
+        interact(tokenizer, complete)
+        return 0
+    for out in complete(ids):
+        print(tokenizer.decode(out))
+        print(SEPARATOR, flush=True)
     return 0
+
+
+def interact(tokenizer: Any, complete: Any) -> None:
+    """Prompts from stdin, one a line (its newline not part of it), each answered by its
+    continuations, until end of input, an empty line or `:q`."""
+    show_prompt = sys.stdin.isatty()
+    while True:
+        if show_prompt:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        prompt = line.removesuffix("\n").removesuffix("\r")
+        if not line or prompt in ("", ":q"):
+            return
+        try:
+            ids = generation.encode_prompt(tokenizer, prompt, "prompt")
+        except UserError as err:  # a typo should not end the session
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            continue
+        for out in complete(ids):
+            print(tokenizer.decode(out[len(ids) :]))
+            print(SEPARATOR, flush=True)
 
 
 if __name__ == "__main__":

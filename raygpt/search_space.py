@@ -52,11 +52,13 @@ NOT_SEARCHABLE: dict[str, str] = {
     "seed": "a seed is not a hyperparameter; repeat seeds instead",
     **dict.fromkeys(("name", "storage_path", "num_workers", "cpus_per_worker", "use_gpu"), _RUN),
     **dict.fromkeys(("placement_strategy", "address", "resume", "overwrite"), _RUN),
-    **dict.fromkeys(("max_failures", "peak_tflops"), _RUN),
+    **dict.fromkeys(("max_failures", "peak_tflops", "eval_only", "eval_train"), _RUN),
+    **dict.fromkeys(("sample_every", "sample_tokens", "hellaswag_every", "hellaswag_limit"), _RUN),
     **dict.fromkeys(("max_steps", "eval_interval", "eval_iters", "log_interval"), _BUDGET),
     **dict.fromkeys(("checkpoint_interval", "checkpoint_upload", "keep_checkpoints"), _BUDGET),
-    **dict.fromkeys(("divergence_factor",), _BUDGET),
+    **dict.fromkeys(("divergence_factor", "rung_cooldown", "cooldown_at"), _BUDGET),
     **dict.fromkeys(("dataset", "data_file", "tokenizer", "data_dir", "init_from"), _DATA),
+    **dict.fromkeys(("vocab_size",), _DATA),
 }
 
 

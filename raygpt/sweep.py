@@ -2,221 +2,63 @@
 
 Ray Tune decides configs and stops trials; it never trains by itself. Each
 trial is a function trainable that builds a `TorchTrainer` running the same
-`loop.train_loop_per_worker` as `raygpt.train` (Ray Train V2's supported
-Tune pattern), with `TuneReportCallback` forwarding rank 0's reports.
+`loop.train_loop_per_worker` as `raygpt.train`:
+- a one-worker trial (the default) runs it in Ray Train's local mode, inside the
+  trial's own process, and reports to Tune directly (checkpoints included), so a
+  trial costs one process start rather than a Train controller, a placement
+  group and a worker actor (about 13 s each on a 2-core machine);
+- a multi-worker trial (`--workers-per-trial N`) gets a DDP worker group, with
+  `TuneReportCallback` forwarding rank 0's reports (Ray Train V2's Tune pattern).
 
-Search: Optuna define-by-run (optimizer categorical, a log-uniform learning
-rate per optimizer, momentum only for `momentum`), or a fixed log-spaced grid,
-or seeded random points. Scheduler: ASHA on val_loss against the training
-step, with rungs at multiples of eval_interval so every rung has an eval.
+Settings: sweep_config.py; search spaces, searchers and schedulers:
+sweep_search.py; the trials table: sweep_outputs.py; the console's live view:
+sweep_progress.py; seed statistics and equal-budget comparisons: report.py.
 
 Outputs in `<storage_path>/<name>/` (a local folder or s3://, gs://):
 trials.parquet (rewritten whole while the sweep runs), runs/<trial_id>/ with
-each trial's step parts and checkpoints (which let a restored sweep continue
-its interrupted trials), tensorboard/<trial_id>/ events, and
+each trial's step parts, logs/<trial_id>.log with its console lines,
+tensorboard/<trial_id>/ events, Tune's state and one-worker trials'
+checkpoints in <trial_id>/ (confirm/ for --confirm-top reruns), and
 lr_sensitivity.png and friends (see raygpt.report).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from ray.tune import Callback
-
-from raygpt import data, launch, metrics, results, status, storage
-from raygpt.config import (
-    OPTIMIZERS,
-    OneLineArgumentParser,
-    TrainConfig,
-    add_dataclass_flags,
-    default_storage_path,
-    merge,
-    read_toml,
-)
+from raygpt import data, generation, launch, metrics, results, status, storage, trackers
+from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags
 from raygpt.errors import UserError, exit_on_user_error
+from raygpt.evals import during_training
 from raygpt.storage import Storage
+from raygpt.sweep_config import (  # noqa: F401 (re-exported: the sweep's public names)
+    DEFAULT_LR_RANGES,
+    METRIC,
+    MODE,
+    MOMENTUM_RANGE,
+    SWEEP_OWNED_TRAIN_KEYS,
+    SweepConfig,
+    load_configs,
+)
+from raygpt.sweep_outputs import SweepOutputs, error_line, trial_error_line  # noqa: F401
+from raygpt.sweep_progress import SweepProgress
+from raygpt.sweep_search import (  # noqa: F401
+    OptunaSpace,
+    build_scheduler,
+    build_search,
+    config_key,
+    grid_points,
+    random_points,
+    trial_params,
+)
 
-# Where each optimizer's learning rate is worth searching (log scale). Adaptive
-# methods normalise the step, so their useful range sits two decades lower.
-DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {
-    "adamw": (1e-4, 1e-2),
-    "adam": (1e-4, 1e-2),
-    "sgd": (1e-3, 1.0),
-    "momentum": (1e-3, 1.0),
-    "adagrad": (1e-3, 1.0),
-    # muon: the hidden matrices' rate (AdamW's groups run at muon_adamw_lr_scale x it);
-    # orthogonalised steps have a fixed size, so its rates sit near modded-nanogpt's 0.02-0.05.
-    "muon": (3e-3, 3e-1),
-    # lion: sign updates move every entry by the full lr; the paper uses 3-10x below AdamW.
-    "lion": (3e-5, 3e-3),
-    # schedule-free AdamW tolerates, and wants, rates somewhat above AdamW's (Defazio et al.).
-    "adamw_schedulefree": (3e-4, 3e-2),
-}
-MOMENTUM_RANGE = (0.8, 0.99)
-SEARCHES = ("optuna", "grid", "random")
-SCHEDULERS = ("asha", "fifo")
-METRIC, MODE = "val_loss", "min"
-
-# Keys of TrainConfig that the sweep owns (per-trial names, storage, cluster).
-SWEEP_OWNED_TRAIN_KEYS = ("name", "storage_path", "address", "resume", "overwrite", "use_gpu")
-
-
-@dataclass
-class SweepConfig:
-    """The `[sweep]` table of an experiment file; every key is also a flag."""
-
-    optimizers: list[str] = field(default_factory=lambda: ["adamw", "sgd"])
-    num_samples: int = 12  # trials in all (grid: optimizers x grid_points instead)
-    search: str = "optuna"  # optuna | grid | random
-    scheduler: str = "asha"  # asha | fifo
-    grace_steps: int | None = None  # ASHA's first rung; default 2 x eval_interval
-    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
-    grid_points: int = 5  # learning rates per optimizer for --search grid
-    lr_range: list[str] = field(default_factory=list)  # OPT=LO:HI, overrides the defaults
-    workers_per_trial: int = 1  # DDP workers inside each trial
-    max_concurrent_trials: int | None = None  # default: as many as the cluster fits
-    max_trial_failures: int = 0  # retries of a trial that raised
-    use_gpu: str = "auto"
-    name: str | None = None
-    storage_path: str = field(default_factory=default_storage_path)
-    address: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-
-    def lr_ranges(self) -> dict[str, tuple[float, float]]:
-        ranges = {opt: DEFAULT_LR_RANGES[opt] for opt in self.optimizers}
-        for spec in self.lr_range:
-            opt, lo, hi = _parse_lr_range(spec)
-            if opt not in self.optimizers:
-                raise UserError(
-                    f"--lr-range {spec!r} names {opt!r}, which is not in --optimizers "
-                    f"{','.join(self.optimizers)}"
-                )
-            ranges[opt] = (lo, hi)
-        return ranges
-
-    def validate(self, train: TrainConfig) -> SweepConfig:
-        if not self.optimizers:
-            raise UserError("--optimizers is empty; name at least one of " + ", ".join(OPTIMIZERS))
-        for opt in self.optimizers:
-            if opt not in OPTIMIZERS:
-                raise UserError(
-                    f"unknown optimizer {opt!r} in --optimizers; choose from {', '.join(OPTIMIZERS)}"
-                )
-        if len(set(self.optimizers)) != len(self.optimizers):
-            raise UserError(f"--optimizers {','.join(self.optimizers)} repeats a name")
-        if self.search not in SEARCHES:
-            raise UserError(f"unknown --search {self.search!r}; choose {', '.join(SEARCHES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(
-                f"unknown --scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}"
-            )
-        for key in ("num_samples", "workers_per_trial", "grid_points"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.reduction_factor < 2:
-            raise UserError(f"reduction_factor={self.reduction_factor} must be >= 2")
-        if self.max_trial_failures < 0:
-            raise UserError(f"max_trial_failures={self.max_trial_failures} must be >= 0")
-        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
-            raise UserError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1")
-        grace = self.resolved_grace_steps(train)
-        if grace % train.eval_interval or not 0 < grace <= train.max_steps:
-            raise UserError(
-                f"grace_steps={grace} must be a multiple of eval_interval={train.eval_interval} "
-                f"and at most max_steps={train.max_steps}"
-            )
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict each other; choose one")
-        self.lr_ranges()
-        return self
-
-    def resolved_grace_steps(self, train: TrainConfig) -> int:
-        if self.grace_steps is not None:
-            return self.grace_steps
-        return min(2 * train.eval_interval, train.max_steps)
-
-
-def _parse_lr_range(spec: str) -> tuple[str, float, float]:
-    try:
-        opt, bounds = spec.split("=", 1)
-        lo_text, hi_text = bounds.split(":", 1)
-        lo, hi = float(lo_text), float(hi_text)
-    except ValueError:
-        raise UserError(
-            f"--lr-range {spec!r} is not OPT=LO:HI (for example adamw=1e-4:1e-2)"
-        ) from None
-    opt = opt.strip()
-    if not (0 < lo < hi) or not math.isfinite(hi):
-        raise UserError(f"--lr-range {spec!r} needs 0 < LO < HI, got LO={lo:g} HI={hi:g}")
-    return opt, lo, hi
-
-
-# --------------------------------------------------------------------------- search space
-
-
-class OptunaSpace:
-    """Define-by-run space: each optimizer has its own lr dimension, so TPE models them apart.
-
-    A class, not a closure, because Tune pickles the searcher with the sweep state.
-    """
-
-    def __init__(self, optimizers: list[str], ranges: dict[str, tuple[float, float]]):
-        self.optimizers = list(optimizers)
-        self.ranges = dict(ranges)
-
-    def __call__(self, trial) -> None:
-        optimizer = trial.suggest_categorical("optimizer", self.optimizers)
-        lo, hi = self.ranges[optimizer]
-        trial.suggest_float(f"{optimizer}_learning_rate", lo, hi, log=True)
-        if optimizer == "momentum":
-            trial.suggest_float("momentum", *MOMENTUM_RANGE)
-
-
-def grid_points(
-    optimizers: list[str], ranges: dict[str, tuple[float, float]], points: int
-) -> list[dict[str, Any]]:
-    """Log-spaced learning rates per optimizer, like the classic lr_sweep.sh scripts."""
-    return [
-        {"optimizer": opt, "learning_rate": float(lr)}
-        for opt in optimizers
-        for lr in np.geomspace(*ranges[opt], points)
-    ]
-
-
-def random_points(
-    optimizers: list[str], ranges: dict[str, tuple[float, float]], samples: int, seed: int
-) -> list[dict[str, Any]]:
-    """Seeded uniform-in-log samples: the baseline a model-based search should beat."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(samples):
-        opt = optimizers[int(rng.integers(len(optimizers)))]
-        lo, hi = ranges[opt]
-        point = {"optimizer": opt, "learning_rate": float(np.exp(rng.uniform(*np.log([lo, hi]))))}
-        if opt == "momentum":
-            point["momentum"] = float(rng.uniform(*MOMENTUM_RANGE))
-        out.append(point)
-    return out
-
-
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """Normalise what a searcher sampled into TrainConfig keys."""
-    params = dict(config.get("point", config))
-    optimizer = params["optimizer"]
-    if "learning_rate" not in params:
-        params["learning_rate"] = params.pop(f"{optimizer}_learning_rate")
-    return {k: v for k, v in params.items() if k in ("optimizer", "learning_rate", "momentum")}
+LOGS_DIR = "logs"
+CONFIRM_DIR = "confirm"  # Tune state of the --confirm-top reruns, inside the sweep folder
 
 
 # --------------------------------------------------------------------------- one trial
@@ -228,240 +70,47 @@ def run_trial(
     store: Storage,
     sweep_path: str,
     use_gpu: bool,
+    gpus_per_worker: float,
     env: dict[str, str],
     metadata: dict[str, Any],
+    local: bool,
+    echo: bool,
 ) -> None:
     """A Tune function trainable: one TorchTrainer run of the shared training loop."""
-    import os
-
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     os.environ.update(env)  # the driver's RAYGPT_* settings, on to the trial's workers
+    if not echo:
+        # Ray Train and Tune log at INFO from inside the trial (local mode announces
+        # itself); those lines belong in Ray's logs, not the trial's.
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
-    cfg = TrainConfig.from_dict({**base, **trial_params(config)}).validate()
+    cfg = TrainConfig.from_dict({**base, **trial_params(config, base["seed"])}).validate()
     trial_id = ray.tune.get_context().get_trial_id()
+    callbacks = []
+    if not local:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
     # The trainer's name is the trial id: a restored trial finds its own checkpoints.
     trainer = launch.build_trainer(
         cfg,
         name=trial_id,
         storage=store.at(f"{sweep_path}/{results.RUNS_DIR}"),
         use_gpu=use_gpu,
-        callbacks=[TuneReportCallback()],
+        gpus_per_worker=gpus_per_worker,
+        callbacks=callbacks,
         run_info={"trial_id": trial_id},
         outputs={
             "tensorboard_path": f"{sweep_path}/{results.TENSORBOARD_DIR}/{trial_id}",
             "metadata": metadata,
+            "tune_session": local,
+            "log_path": f"{sweep_path}/{LOGS_DIR}/{trial_id}.log",
+            "echo": echo,
         },
+        in_process=local,
     )
     trainer.fit()
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-class SweepOutputs(Callback):
-    """Tune callback on the driver: trials.parquet, live, and one line per finished trial.
-
-    Step rows and TensorBoard events are written by each trial's rank 0 (see
-    results.py); this callback reads a trial's rows when it ends, to sum up its
-    compute, and once more at the end of the sweep, for parts a stopped
-    trial's workers wrote after Tune's decision. trials.parquet is one small file rewritten whole (a single
-    PUT on object storage) every few seconds and whenever a trial ends.
-
-    It is pickled with the Tuner's state; only the storage, paths and settings
-    survive pickling, and the trials table is reloaded from trials.parquet, so
-    a restored sweep continues the same table.
-    """
-
-    WRITE_EVERY_S = 5.0
-
-    def __init__(self, store: Storage, sweep_path: str, metadata: dict[str, Any], max_steps: int):
-        self.store = store
-        self.sweep_path = sweep_path
-        self.metadata = metadata
-        self.max_steps = max_steps
-        self._reset()
-
-    def _reset(self) -> None:
-        self._trials: dict[str, dict[str, Any]] | None = None
-        self._started: dict[str, float] = {}
-        self._last_write = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("store", "sweep_path", "metadata", "max_steps")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
-    @property
-    def trials_path(self) -> str:
-        return f"{self.sweep_path}/{results.TRIALS_FILE}"
-
-    # -- state
-    def _load(self) -> dict[str, dict[str, Any]]:
-        if self._trials is None:
-            self._trials = {}
-            table = results.read_table(self.store, self.trials_path)
-            for row in table.to_pylist() if table is not None else []:
-                self._trials[row["trial_id"]] = row
-        return self._trials
-
-    def _record(self, trial) -> dict[str, Any]:
-        trials = self._load()
-        record = trials.get(trial.trial_id)
-        if record is None:
-            params = trial_params(trial.config)
-            record = {col: None for col in results.TRIAL_SCHEMA.names} | {
-                "trial_id": trial.trial_id,
-                "optimizer": params["optimizer"],
-                "learning_rate": params["learning_rate"],
-                "momentum": params.get("momentum"),
-                "params": json.dumps(params),
-                "status": status.RUNNING,
-                "steps": 0,
-                "wall_seconds": 0.0,
-            }
-            trials[trial.trial_id] = record
-        return record
-
-    def _write(self, force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self._last_write < self.WRITE_EVERY_S:
-            return
-        self._last_write = now
-        rows = [self._trials[k] for k in sorted(self._trials)]
-        table = results.pa.Table.from_pylist(rows, schema=results.TRIAL_SCHEMA)
-        results.write_table(
-            self.store, self.trials_path, results.with_metadata(table, self.metadata)
-        )
-
-    def _finish(self, trial, errored: bool, error: str | None = None) -> None:
-        record = self._record(trial)
-        self._summarise_steps(record)
-        record["status"] = status.decide(
-            errored=errored,
-            diverged=bool(record.pop("diverged_flag", False)),
-            steps=record["steps"],
-            max_steps=self.max_steps,
-        )
-        record["error"] = error
-        self._account_wall(trial.trial_id, record)
-        self._write(force=True)
-        trials = self._trials.values()
-        done = sum(r["status"] != status.RUNNING for r in trials)
-        best = self._best()
-        best_text = (
-            f"best so far {best['optimizer']} lr={best['learning_rate']:.3g} "
-            f"val={best['best_val_loss']:.4f}"
-            if best
-            else "no finished trial yet"
-        )
-        outcome = f"{record['status']} at step {record['steps']}"
-        if record["status"] == status.ERROR:
-            outcome += f": {error}"
-        elif record["best_val_loss"] is not None:
-            outcome += f" (val {record['best_val_loss']:.4f})"
-        print(
-            f"[sweep] trial {trial.trial_id} {record['optimizer']} lr={record['learning_rate']:.3g}"
-            f": {outcome} | {done} trial(s) finished | {best_text}",
-            flush=True,
-        )
-
-    def _account_wall(self, trial_id: str, record: dict[str, Any]) -> None:
-        started = self._started.pop(trial_id, None)
-        if started is not None:
-            record["wall_seconds"] = (record["wall_seconds"] or 0.0) + time.time() - started
-
-    def _summarise_steps(self, record: dict[str, Any]) -> None:
-        """Compute totals from the trial's own step parts (read once, at its end)."""
-        table, _ = results.read_steps(
-            self.store, f"{self.sweep_path}/{results.RUNS_DIR}/{record['trial_id']}"
-        )
-        rows = table.to_pylist() if table is not None else []
-        if not rows:
-            return
-        speeds = [r["tokens_per_sec"] for r in rows if r["tokens_per_sec"]]
-        mfus = [r["mfu"] for r in rows if r["mfu"] is not None]
-        # Steps actually trained: a stopped trial's workers may finish a report or
-        # two after the decision, and that compute counts too.
-        record["steps"] = max(record["steps"] or 0, rows[-1]["step"])
-        record["train_seconds"] = sum(r["step_time_ms"] or 0.0 for r in rows) / 1000
-        record["tokens"] = rows[-1]["tokens_seen"]
-        record["mean_tokens_per_sec"] = float(np.mean(speeds)) if speeds else None
-        record["mean_mfu"] = float(np.mean(mfus)) if mfus else None
-        record["final_train_loss"] = rows[-1]["train_loss"]
-
-    def _best(self) -> dict[str, Any] | None:
-        finished = [
-            r
-            for r in self._trials.values()
-            if r["status"] in status.FINISHED_OK
-            and r["best_val_loss"] is not None
-            and math.isfinite(r["best_val_loss"])
-        ]
-        return min(finished, key=lambda r: r["best_val_loss"], default=None)
-
-    # -- Tune callback hooks
-    def setup(self, **info) -> None:
-        self._load()
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        record = self._record(trial)
-        record["status"] = status.RUNNING
-        self._started[trial.trial_id] = time.time()
-        self._write(force=True)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        record = self._record(trial)
-        record["steps"] = result.get("step", record["steps"])
-        record["final_train_loss"] = result.get("train_loss")
-        if result.get("evaluated", True):
-            record["best_val_loss"] = result.get("best_val_loss")
-            record["final_val_loss"] = result.get("val_loss")
-        record["checkpoint_path"] = result.get("checkpoint_path") or record["checkpoint_path"]
-        if result.get("diverged"):
-            record["diverged_flag"] = True
-        self._write()
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, errored=False)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, errored=True, error=trial_error_line(trial))
-
-    def on_experiment_end(self, trials, **info) -> None:
-        # A stopped trial's rank 0 may write a part or two after Tune's decision (its
-        # workers finish the step in hand); with every trial torn down, count them too.
-        for record in self._load().values():
-            if record["status"] != status.RUNNING:
-                self._summarise_steps(record)
-        self._write(force=True)
-
-
-def trial_error_line(trial) -> str:
-    """The one line that says why a trial failed: a raygpt UserError's message, else the
-    last line of its traceback that names an exception."""
-    text = ""
-    error_file = getattr(trial, "error_file", None)
-    if error_file and Path(error_file).exists():
-        text = Path(error_file).read_text(errors="replace")
-    elif hasattr(trial, "get_error"):
-        with contextlib.suppress(Exception):  # best effort: the error stays in Ray's logs
-            text = str(trial.get_error() or "")
-    return error_line(text)
-
-
-def error_line(text: str) -> str:
-    marker = "raygpt.errors.UserError: "
-    if marker in text:
-        return text.rsplit(marker, 1)[1].splitlines()[0].strip()[:500]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "Exception" in line) and ":" in line:
-            return line[:500]
-    return lines[-1][:500] if lines else "unknown error (see the trial's error.txt)"
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -471,42 +120,27 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def build_search(sweep: SweepConfig, train: TrainConfig):
-    """(search_alg or None, param_space, num_samples) for Tuner."""
-    from ray import tune
-
-    ranges = sweep.lr_ranges()
-    if sweep.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        sampler = optuna.samplers.TPESampler(
-            seed=train.seed,
-            n_startup_trials=max(len(sweep.optimizers) * 2, sweep.num_samples // 3),
-            constant_liar=True,  # concurrent trials do not all sample the same point
-        )
-        search = OptunaSearch(
-            space=OptunaSpace(sweep.optimizers, ranges), metric=METRIC, mode=MODE, sampler=sampler
-        )
-        return search, {}, sweep.num_samples
+def planned_trials(sweep: SweepConfig, train: TrainConfig) -> int:
+    """Trials of the search phase (the live view's denominator)."""
+    seeds = 1 if sweep.confirm_top else sweep.seeds
     if sweep.search == "grid":
-        points = grid_points(sweep.optimizers, ranges, sweep.grid_points)
-    else:
-        points = random_points(sweep.optimizers, ranges, sweep.num_samples, train.seed)
-    return None, {"point": tune.grid_search(points)}, 1
+        dims = sweep.dimensions(train)
+        points = grid_points(sweep.optimizers, sweep.lr_ranges(), sweep.grid_points, dims)
+        return len(points) * seeds
+    return sweep.num_samples * seeds
 
 
-def build_scheduler(sweep: SweepConfig, train: TrainConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+class _Phase:
+    """One Tuner run inside the sweep folder: the search, or the --confirm-top reruns."""
 
-    if sweep.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="step",
-        max_t=train.max_steps,
-        grace_period=sweep.resolved_grace_steps(train),
-        reduction_factor=sweep.reduction_factor,
-    )
+    def __init__(self, label: str, tune_name: str, tune_root: str):
+        self.label = label
+        self.tune_name = tune_name  # Tune's experiment folder name under tune_root
+        self.tune_root = tune_root
+
+    @property
+    def path(self) -> str:
+        return f"{self.tune_root}/{self.tune_name}"
 
 
 def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
@@ -522,8 +156,15 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
         train.to_dict()
         | {"num_workers": sweep.workers_per_trial, "data_dir": str(data.data_root(train.data_dir))}
     )
+    train.rung_cooldown = sweep.trial_rung_cooldown()
+    if train.rung_cooldown > 0:
+        # Cooled copies are evaluated at the rungs (max_steps needs none: it has decayed).
+        train.cooldown_at = sweep.rung_steps(train)[:-1]
     train.validate()
+    trackers.check_installed(train)  # --wandb / --mlflow without their package
     _, data_meta = launch.prepare_data(train)  # fail on bad data before Ray starts
+    generation.check(train, data_meta)  # --sample-prompt in the dataset's tokenizer
+    during_training.check(train, data_meta)  # HellaSwag downloaded (once) and readable
     launch.check_run_dir(store, sweep_path, sweep.resume, sweep.overwrite, kind="sweep")
     if sweep.resume and not tune.Tuner.can_restore(sweep_path, storage_filesystem=store.fs):
         raise UserError(
@@ -531,13 +172,30 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
         )
 
     started = time.perf_counter()
-    cluster = launch.connect(sweep.address)
+    # Tune warns each time frequent checkpoints force a state snapshot; a sweep of small
+    # trials checkpoints at every eval by design, and the snapshot is one small file.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    cluster = launch.connect(sweep.address, log_to_driver=sweep.verbose)
+    if not sweep.verbose:
+        # Tune's, Train's and Optuna's INFO lines stay out of the console; the live view
+        # speaks for them (Ray's own logs keep theirs).
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     use_gpu = launch.resolve_use_gpu(sweep.use_gpu)
-    gpus = 1 if use_gpu else 0
+    if sweep.gpus_per_trial is not None and not use_gpu:
+        raise UserError(
+            f"--gpus-per-trial {sweep.gpus_per_trial:g} but the cluster has no GPU in use "
+            "(use_gpu is off or no node has a GPU); drop --gpus-per-trial or add GPU nodes"
+        )
+    gpus = (sweep.gpus_per_trial or 1.0) if use_gpu else 0.0
     if train.cpus_per_worker is None:
         # Trials share the cores: one each keeps as many trials running as there are cores.
         train = TrainConfig.from_dict(train.to_dict() | {"cpus_per_worker": 1.0})
     launch.check_fits(sweep.workers_per_trial, train.cpus_per_worker, gpus, what="each trial")
+    if use_gpu:
+        launch.check_gpu_memory(train, data_meta["vocab_size"], gpus, launch.gpu_memory_bytes(gpus))
     concurrent = launch.trials_that_fit(sweep.workers_per_trial, train.cpus_per_worker, gpus)
     if sweep.max_concurrent_trials is not None:
         concurrent = min(concurrent, sweep.max_concurrent_trials)
@@ -547,7 +205,7 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     launch.prepare_run_dir(store, sweep_path, sweep.resume, sweep.overwrite, kind="sweep")
 
     metadata = {
-        "sweep": {k: v for k, v in vars(sweep).items()} | {"name": name},
+        "sweep": dict(vars(sweep)) | {"name": name},
         "config": train.to_dict(),
         "environment": metrics.environment(),
         "cluster": cluster,
@@ -556,7 +214,7 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
         },
     }
     results.write_json(store, f"{sweep_path}/{results.SWEEP_FILE}", metadata)
-    outputs = SweepOutputs(store, sweep_path, metadata, train.max_steps)
+    local = sweep.workers_per_trial == 1
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -564,53 +222,49 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
             store=store,
             sweep_path=sweep_path,
             use_gpu=use_gpu,
+            gpus_per_worker=gpus,
             env=launch.raygpt_env(),
             metadata=metadata,
+            local=local,
+            echo=sweep.verbose,
         ),
-        # The trial actor only waits on its TorchTrainer; the workers hold the CPUs.
-        # (Tune rejects an all-zero request, so it reserves a token 1 MiB of memory.)
-        {"cpu": 0, "memory": 1 << 20},
+        # A one-worker trial trains in its own process and holds the worker's share; a
+        # multi-worker trial's process only waits on its TorchTrainer, whose workers hold
+        # the resources (Tune rejects an all-zero request: a token 1 MiB of memory).
+        {"cpu": train.cpus_per_worker, "gpu": gpus} if local else {"cpu": 0, "memory": 1 << 20},
     )
+    packing = f", {gpus:g} GPU each" if use_gpu else ""
     print(
         f"[sweep] {name}: {sweep.search} search over {','.join(sweep.optimizers)}, "
-        f"{sweep.scheduler} scheduler, up to {concurrent} trial(s) at once, "
-        f"{train.max_steps} steps max -> {where}",
+        f"{sweep.scheduler} scheduler, {planned_trials(sweep, train)} trial(s), up to "
+        f"{concurrent} at once{packing}, {train.max_steps} steps max -> {where}",
         flush=True,
     )
-    if sweep.resume:
-        tuner = tune.Tuner.restore(
+    print(
+        f"[sweep] each trial's lines: {store.display(f'{sweep_path}/{LOGS_DIR}')}/<trial>.log"
+        + ("" if sweep.verbose else " (-v shows them here)"),
+        flush=True,
+    )
+
+    search_phase = _Phase("search", name, store.root)
+    records = _run_phase(
+        search_phase, sweep, train, store, sweep_path, metadata, trainable, concurrent
+    )
+    if sweep.confirm_top:
+        confirm_phase = _Phase("confirm", CONFIRM_DIR, sweep_path)
+        _run_phase(
+            confirm_phase,
+            sweep,
+            train,
+            store,
             sweep_path,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=sweep.max_trial_failures > 0,
-            storage_filesystem=store.fs,
-        )
-    else:
-        search_alg, param_space, num_samples = build_search(sweep, train)
-        tuner = tune.Tuner(
+            metadata,
             trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                search_alg=search_alg,
-                scheduler=build_scheduler(sweep, train),
-                num_samples=num_samples,
-                max_concurrent_trials=concurrent,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=store.root,
-                storage_filesystem=store.fs,
-                callbacks=[outputs],
-                failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
-                verbose=0,
+            concurrent,
+            points=top_configurations(
+                records, sweep.confirm_top, train.max_steps, sweep.confirm_scope == "optimizer"
             ),
         )
-    # Tune's result grid looks for the per-trial JSON/CSV logs raygpt turns off.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    tuner.fit()
     finished = time.perf_counter()
 
     from raygpt import report
@@ -633,6 +287,127 @@ def run(sweep: SweepConfig, train: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def top_configurations(
+    records: list[dict[str, Any]], top: int, max_steps: int, per_optimizer: bool = False
+) -> list[dict[str, Any]]:
+    """The `top` configurations that completed max_steps (of each optimizer, with
+    `per_optimizer`), best final val first, as param dicts. Equal budget: a trial ASHA
+    stopped at a lower rung is not comparable, so it is never among them."""
+    import json
+    import math
+
+    done = [
+        r
+        for r in records
+        if r["status"] == status.COMPLETED
+        and r["steps"] == max_steps
+        and r["final_val_loss"] is not None
+        and math.isfinite(r["final_val_loss"])
+    ]
+    done.sort(key=lambda r: r["final_val_loss"])
+    chosen, seen = [], set()
+    taken: dict[str, int] = {}
+    for r in done:
+        group = r["optimizer"] if per_optimizer else ""
+        if r["config_key"] in seen or taken.get(group, 0) == top:
+            continue
+        seen.add(r["config_key"])
+        taken[group] = taken.get(group, 0) + 1
+        params = json.loads(r["params"])
+        params.pop("seed", None)
+        chosen.append(params)
+    return chosen
+
+
+def _run_phase(
+    phase: _Phase,
+    sweep: SweepConfig,
+    train: TrainConfig,
+    store: Storage,
+    sweep_path: str,
+    metadata: dict[str, Any],
+    trainable: Any,
+    concurrent: int,
+    points: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or restore and finish) one Tuner; return the trials table's rows after it."""
+    from ray import tune
+
+    confirm = points is not None
+    if confirm and not points:
+        print("[sweep] no configuration completed max_steps; nothing to confirm", flush=True)
+        return []
+    seeds = sweep.seed_list(train)[1:] if confirm else None
+    outputs = SweepOutputs(
+        store,
+        sweep_path,
+        metadata,
+        train.max_steps,
+        base_seed=train.seed,
+        phase=phase.label,
+        target_loss=sweep.target_loss,
+        announce=False,
+    )
+    total = len(points) * len(seeds) if confirm else planned_trials(sweep, train)
+    progress = SweepProgress(outputs, total, train.max_steps)
+    if confirm:
+        print(
+            f"[sweep] confirming the top {len(points)} configuration(s) over seeds "
+            f"{', '.join(map(str, seeds))} (seed {train.seed} ran in the search)",
+            flush=True,
+        )
+    if sweep.resume and tune.Tuner.can_restore(phase.path, storage_filesystem=store.fs):
+        tuner = tune.Tuner.restore(
+            phase.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=sweep.max_trial_failures > 0,
+            storage_filesystem=store.fs,
+        )
+    else:
+        if confirm:
+            search_alg, scheduler, num_samples = None, tune.schedulers.FIFOScheduler(), 1
+            param_space = {"point": tune.grid_search(points), "seed": tune.grid_search(seeds)}
+        else:
+            search_alg, param_space, num_samples = build_search(sweep, train)
+            scheduler = build_scheduler(sweep, train)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric(train),
+                mode=sweep.mode(),
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                trial_dirname_creator=_trial_dirname,
+                # A one-worker trial's process (torch imported, data cached) serves the next
+                # trial: about 3.5 s of process start and imports saved per trial.
+                reuse_actors=sweep.workers_per_trial == 1,
+            ),
+            run_config=tune.RunConfig(
+                name=phase.tune_name,
+                storage_path=phase.tune_root,
+                storage_filesystem=store.fs,
+                callbacks=[outputs, progress, *trackers.tune_callbacks(train, phase.tune_name)],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
+                # One-worker trials' checkpoints are Tune's: keep as many as a run keeps,
+                # and under PBT enough that a checkpoint being cloned is not pruned first.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=max(train.keep_checkpoints, 4)
+                    if sweep.scheduler == "pbt"
+                    else train.keep_checkpoints
+                ),
+                verbose=0,
+            ),
+        )
+    # Tune's result grid looks for the per-trial JSON/CSV logs raygpt turns off.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tuner.fit()
+    return outputs.records()
+
+
 def check_found_something(summary: dict[str, Any]) -> None:
     """A sweep in which no trial finished has no answer: say why, and fail."""
     counts = summary.get("status_counts", {})
@@ -645,34 +420,18 @@ def check_found_something(summary: dict[str, Any]) -> None:
     )
 
 
-def load_configs(experiment: str | None, flags: dict[str, Any]) -> tuple[SweepConfig, TrainConfig]:
-    """SweepConfig from `[sweep]` + sweep flags; TrainConfig from the rest."""
-    file_values = read_toml(experiment) if experiment else {}
-    source = experiment or "defaults"
-    sweep_table = file_values.pop("sweep", {})
-    if not isinstance(sweep_table, dict):
-        raise UserError(f"[sweep] in {source} must be a table")
-    sweep_keys = {f for f in SweepConfig.__dataclass_fields__}
-    sweep_flags = {k: v for k, v in flags.items() if k in sweep_keys}
-    train_flags = {k: v for k, v in flags.items() if k not in sweep_keys}
-    if "lr_range" in sweep_flags:  # repeated flag: a list of OPT=LO:HI strings
-        sweep_flags["lr_range"] = [
-            part for value in sweep_flags["lr_range"] for part in value.replace(",", " ").split()
-        ]
-    sweep = merge(SweepConfig, sweep_table, sweep_flags, f"[sweep] of {source}")
-    for key in SWEEP_OWNED_TRAIN_KEYS:
-        file_values.pop(key, None)
-    train = merge(TrainConfig, file_values, train_flags, source).validate()
-    return sweep.validate(train), train
-
-
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m raygpt.sweep",
         description="Search optimizer x learning rate with Ray Tune (Optuna + ASHA).",
     )
     parser.add_argument("experiment", nargs="?", help="experiment TOML ([sweep] table + keys)")
-    add_dataclass_flags(parser, SweepConfig, exclude=("lr_range",), title="sweep keys")
+    add_dataclass_flags(
+        parser,
+        SweepConfig,
+        exclude=("lr_range", "search_space", "verbose"),
+        title="sweep keys",
+    )
     parser.add_argument(
         "--lr-range",
         dest="lr_range",
@@ -680,6 +439,23 @@ def build_parser() -> OneLineArgumentParser:
         default=argparse.SUPPRESS,
         metavar="OPT=LO:HI",
         help="learning-rate range for one optimizer (repeatable)",
+    )
+    parser.add_argument(
+        "--search-space",
+        dest="search_space",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=LO:HI[:log]|KEY=a,b,c",
+        help="another TrainConfig key to search, e.g. weight_decay=1e-3:0.3:log (repeatable)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbose",
+        action="store_const",
+        const="true",
+        default=argparse.SUPPRESS,
+        help="also print every trial's lines and Ray's own output on the console",
     )
     add_dataclass_flags(
         parser, TrainConfig, exclude=SWEEP_OWNED_TRAIN_KEYS, title="training keys (per trial)"

@@ -15,20 +15,24 @@ import sys
 import time
 from typing import Any
 
-from raygpt import checkpoint, data, launch, metrics, results, storage
+from raygpt import checkpoint, data, generation, launch, metrics, results, storage, trackers
 from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
 from raygpt.errors import exit_on_user_error
+from raygpt.evals import during_training
 from raygpt.runtime import cpu_threads_available
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train one model as `cfg` says; return a summary (also printed)."""
     name = cfg.name or cfg.default_name()
+    trackers.check_installed(cfg)  # --wandb / --mlflow without their package
     # Workers read the data cache the driver resolved, whatever their environment.
     cfg = dataclasses.replace(cfg, data_dir=str(data.data_root(cfg.data_dir)))
     store = storage.resolve(cfg.storage_path)  # unreachable, denied, no bucket: fails here
     run_path = store.path(name)
     _, meta = launch.prepare_data(cfg)
+    generation.check(cfg, meta)  # --sample-prompt in the dataset's tokenizer
+    during_training.check(cfg, meta)  # HellaSwag downloaded (once) and readable
     if cfg.resume:
         launch.check_resume_compatible(store, run_path, cfg, meta["vocab_size"])
     launch.check_run_dir(store, run_path, cfg.resume, cfg.overwrite)
@@ -73,12 +77,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     print(
         f"[raygpt] run {name}: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU"
         f"{' + 1 GPU' if use_gpu else ''}, {cfg.optimizer} lr={cfg.learning_rate:g}, "
-        f"{cfg.max_steps} steps -> {where}",
+        f"{'evaluation only' if cfg.eval_only else f'{cfg.max_steps} steps'} -> {where}",
         flush=True,
     )
     result = _fit_in_process(trainer, cfg.max_failures) if in_process else _fit(trainer)
     finished = time.perf_counter()
     final = result.metrics or {}
+    if cfg.eval_only and not final:  # Ray keeps only reports with a checkpoint; it has none
+        final = _step_zero_result(store, run_path)
     summary = {
         "name": name,
         "run_dir": where,
@@ -132,6 +138,20 @@ def _fit_in_process(trainer, max_failures: int) -> Any:
                 flush=True,
             )
     raise AssertionError("unreachable")
+
+
+def _step_zero_result(store, run_path: str) -> dict[str, Any]:
+    """An --eval-only run's losses, from the one step row it wrote."""
+    table, _ = results.read_steps(store, run_path)
+    if table is None or not table.num_rows:
+        return {}
+    row = table.to_pylist()[-1]
+    return {
+        "step": row["step"],
+        "train_loss": row["eval_train_loss"],
+        "val_loss": row["val_loss"],
+        "best_val_loss": row["val_loss"],
+    }
 
 
 def _final_checkpoint(store, run_path: str, result) -> str | None:

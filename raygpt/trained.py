@@ -1,4 +1,5 @@
-"""A trained model and its tokenizer, ready for inference: what eval and export load.
+"""A trained model and its tokenizer: what eval, sample and export load, and what a
+training run starts from (`init_from`).
 
 Two sources, one result (`Trained`: the GPT in eval mode on the CPU, the tokenizer it
 was trained with, the dataset facts that name that tokenizer, and a description):
@@ -8,7 +9,11 @@ was trained with, the dataset facts that name that tokenizer, and a description)
   rows are dropped, so the model's vocabulary is the tokenizer's;
 - Hugging Face GPT-2 weights (`from_pretrained`): a hub name or a directory. A
   directory written by `python -m raygpt.export` carries `raygpt.json`, which names
-  its tokenizer (a character vocabulary, say); any other one is GPT-2 BPE.
+  its tokenizer (a character vocabulary, a trained BPE, say); any other one is GPT-2 BPE.
+
+Training from either (`init_from`, see the last section): `check_init_fit` says before
+Ray starts whether the weights fit the run's data and block size, and
+`model_to_train` builds the GPT the loop trains, with dropout and a cropped context.
 
 `encoding` injects a tiktoken Encoding in place of the downloaded GPT-2 one (tests).
 """
@@ -25,7 +30,7 @@ import torch
 
 from raygpt import checkpoint, data
 from raygpt.errors import UserError
-from raygpt.model import GPT, GPTConfig, unwrapped_name
+from raygpt.model import GPT, HUB_GPT2_NAMES, GPTConfig, pretrained_shape, unwrapped_name
 
 # The file `raygpt.export` writes beside the Hugging Face files: where the weights came
 # from and the dataset facts that rebuild the exact tokenizer they were trained with.
@@ -40,8 +45,10 @@ _LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.")
 @dataclass
 class Trained:
     model: GPT  # eval mode, CPU, float32, vocabulary cut to the tokenizer's
-    tokenizer: Any  # data.CharTokenizer or data.GPT2Tokenizer
-    data: dict[str, Any]  # tokenizer facts: DATA_KEYS (as far as the source knows them)
+    tokenizer: Any  # data.CharTokenizer, data.GPT2Tokenizer or data.BPETokenizer
+    # Tokenizer facts: DATA_KEYS (as far as the source knows them), and a trained BPE's
+    # tokenizer_json (which an export writes as its tokenizer.json, not into raygpt.json).
+    data: dict[str, Any]
     description: str  # one line: where it came from
     step: int | None = None  # optimizer steps, for a raygpt checkpoint
     dropout: float = 0.0  # what training used (the model itself runs without)
@@ -77,18 +84,9 @@ def from_checkpoint(
 ) -> Trained:
     """A raygpt checkpoint folder, its state.pt, a run folder (its latest checkpoint) or a
     run name under storage_path. A damaged or foreign file is one UserError line."""
-    store, ckpt_dir = checkpoint.resolve(path_or_run, storage_path)
-    state = checkpoint.load(ckpt_dir, store)
-    where = store.display(ckpt_dir)
-    weights = state["model"]
-    if not isinstance(weights, dict) or not all(
-        isinstance(v, torch.Tensor) for v in weights.values()
-    ):
-        raise UserError(f"checkpoint {where} has no model weights")
-    weights = {unwrapped_name(k): v for k, v in weights.items()}
+    state, weights, model_config, where = _load_checkpoint(path_or_run, storage_path)
     data_info = state.get("data") if isinstance(state.get("data"), dict) else {}
     tokenizer = _tokenizer(data_info, f"checkpoint {where}", encoding)
-    model_config = model_config_from_state(weights, state.get("config") or {}, where)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(
             f"checkpoint {where} has a {tokenizer.vocab_size}-token vocabulary but an output "
@@ -101,21 +99,12 @@ def from_checkpoint(
         k: v[: tokenizer.vocab_size] if k in ("lm_head.weight", "transformer.wte.weight") else v
         for k, v in weights.items()
     }
-    model = GPT(model_config)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        detail = str(err).strip().splitlines()[-1].strip()
-        raise UserError(f"checkpoint {where} does not fit the GPT model ({detail})") from None
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
-    if missing or unexpected:
-        shown = ", ".join((missing + unexpected)[:4])
-        raise UserError(f"checkpoint {where} does not fit the GPT model ({shown})")
+    model = _gpt_from_weights(model_config, weights, where)
     step = state.get("step")
     return Trained(
         model=model.float().eval(),
         tokenizer=tokenizer,
-        data={k: data_info.get(k) for k in DATA_KEYS},
+        data=data_facts(data_info),
         description=f"{where} (step {step}, {data_info.get('dataset')}, {tokenizer.kind})",
         step=step if isinstance(step, int) else None,
         dropout=float((state.get("config") or {}).get("dropout") or 0.0),
@@ -125,10 +114,9 @@ def from_checkpoint(
 def from_pretrained(name_or_dir: str, *, encoding: Any = None) -> Trained:
     """Hugging Face GPT-2 weights: gpt2 ... gpt2-xl (hub) or a local directory."""
     model = GPT.from_pretrained(name_or_dir)
-    meta_path = Path(str(name_or_dir)).expanduser() / EXPORT_META_FILE
-    if meta_path.is_file():
-        meta = read_export_meta(meta_path)
-        data_info = meta["data"]
+    data_info = export_data_facts(name_or_dir)
+    if data_info is not None:
+        meta = read_export_meta(Path(str(name_or_dir)).expanduser() / EXPORT_META_FILE)
         description = f"{name_or_dir} (export of {meta.get('source')})"
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
     else:
@@ -148,10 +136,18 @@ def from_pretrained(name_or_dir: str, *, encoding: Any = None) -> Trained:
     return Trained(
         model=model.eval(),
         tokenizer=tokenizer,
-        data={k: data_info.get(k) for k in DATA_KEYS},
+        data=data_facts(data_info),
         description=description,
         step=step,
     )
+
+
+def data_facts(data_info: dict[str, Any]) -> dict[str, Any]:
+    """What a Trained keeps of a checkpoint's or export's data facts (see Trained.data)."""
+    facts = {k: data_info.get(k) for k in DATA_KEYS}
+    if isinstance(data_info.get("tokenizer_json"), str):
+        facts["tokenizer_json"] = data_info["tokenizer_json"]
+    return facts
 
 
 def load(
@@ -167,6 +163,24 @@ def load(
     if checkpoint_ is not None:
         return from_checkpoint(checkpoint_, storage_path, encoding=encoding)
     return from_pretrained(str(init_from), encoding=encoding)
+
+
+def export_data_facts(name_or_dir: str) -> dict[str, Any] | None:
+    """The data facts of a directory `raygpt.export` wrote (None for any other weights),
+    a trained BPE's tokenizer.json included."""
+    directory = Path(str(name_or_dir)).expanduser()
+    if not (directory / EXPORT_META_FILE).is_file():
+        return None
+    facts = dict(read_export_meta(directory / EXPORT_META_FILE)["data"])
+    if facts.get("tokenizer") == "bpe" and not facts.get("tokenizer_json"):
+        try:
+            facts["tokenizer_json"] = (directory / "tokenizer.json").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(
+                f"{directory} is a raygpt export of a trained BPE model but its tokenizer.json "
+                f"cannot be read ({type(err).__name__}); export it again"
+            ) from None
+    return facts
 
 
 def read_export_meta(path: Path) -> dict[str, Any]:
@@ -202,13 +216,51 @@ def _tokenizer(data_info: dict[str, Any], where: str, encoding: Any) -> Any:
     return data.tokenizer_from_meta(data_info, encoding=encoding)
 
 
+def _load_checkpoint(
+    path_or_run: str, storage_path: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], GPTConfig, str]:
+    """(state, weights under bare names, their GPTConfig, where) of a raygpt checkpoint."""
+    store, ckpt_dir = checkpoint.resolve(path_or_run, storage_path)
+    state = checkpoint.load(ckpt_dir, store)
+    where = store.display(ckpt_dir)
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise UserError(f"checkpoint {where} has no model weights")
+    weights = {unwrapped_name(k): v for k, v in weights.items()}
+    saved = state.get("model_config")
+    model_config = model_config_from_state(
+        weights, state.get("config") or {}, where, saved if isinstance(saved, dict) else None
+    )
+    return state, weights, model_config, where
+
+
+def _gpt_from_weights(model_config: GPTConfig, weights: dict[str, torch.Tensor], where: str) -> GPT:
+    model = GPT(model_config)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"checkpoint {where} does not fit the GPT model ({detail})") from None
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
+    if missing or unexpected:
+        shown = ", ".join((missing + unexpected)[:4])
+        raise UserError(f"checkpoint {where} does not fit the GPT model ({shown})")
+    return model
+
+
 def model_config_from_state(
-    weights: dict[str, torch.Tensor], config: dict[str, Any], where: str
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    where: str,
+    saved: dict[str, Any] | None = None,
 ) -> GPTConfig:
-    """The GPTConfig of saved weights: shapes from the tensors, n_head from the run config.
+    """The GPTConfig of saved weights: shapes from the tensors, n_head from the model
+    config the checkpoint saved (`saved`), else from the run config.
 
     Reading the shapes off the weights covers the padded vocabulary and runs started from
-    pretrained GPT-2 (init_from), whose shape is not in the config's n_layer / n_embd.
+    pretrained weights (init_from), whose shape is not in the config's n_layer / n_embd.
     """
     embedding = weights.get("lm_head.weight", weights.get("transformer.wte.weight"))
     positions = weights.get("transformer.wpe.weight")
@@ -220,7 +272,9 @@ def model_config_from_state(
     if n_layer == 0:
         raise UserError(f"checkpoint {where} has no transformer blocks; not a GPT")
     init_from = config.get("init_from", "scratch")
-    if init_from in (None, "scratch"):
+    if saved is not None and "n_head" in saved:
+        n_head = saved["n_head"]
+    elif init_from in (None, "scratch"):
         n_head = config.get("n_head")
     else:
         # Every OpenAI GPT-2 size has 64-dimensional heads; a local directory says so itself.
@@ -242,3 +296,123 @@ def model_config_from_state(
         dropout=0.0,
         bias="transformer.ln_f.bias" in weights,
     )
+
+
+# --------------------------------------------------------------------------- init_from
+
+
+def init_kind(init_from: str, storage_path: str = "~/ray_results") -> str:
+    """What `init_from` names: "scratch", "hf" (a hub name or a Hugging Face directory)
+    or "raygpt" (a checkpoint folder, its state.pt, a run folder, a run name under
+    storage_path, or any of these on s3://, gs://)."""
+    if init_from == "scratch":
+        return "scratch"
+    if "://" in init_from:
+        return "raygpt"  # Hugging Face directories are read locally only
+    path = Path(init_from).expanduser()
+    if path.exists():
+        if (path / "config.json").is_file():
+            return "hf"
+        if (
+            path.name == checkpoint.STATE_FILE
+            or (path / checkpoint.STATE_FILE).is_file()
+            or checkpoint.latest_in_run(str(path)) is not None
+        ):
+            return "raygpt"
+        raise UserError(
+            f"init_from {init_from} holds neither a Hugging Face config.json nor a raygpt "
+            "checkpoint (state.pt, or checkpoint_* folders); give gpt2, gpt2-medium, "
+            "gpt2-large, gpt2-xl, a Hugging Face GPT-2 directory or a raygpt checkpoint or run"
+        )
+    if init_from.startswith((".", "/", "~")):
+        raise UserError(
+            f"init_from {init_from} does not exist; give a Hugging Face GPT-2 directory or a "
+            "raygpt checkpoint or run folder"
+        )
+    if init_from in HUB_GPT2_NAMES:
+        return "hf"
+    if "/" not in init_from:  # a run name under storage_path, before a hub id
+        try:
+            checkpoint.resolve(init_from, storage_path)
+            return "raygpt"
+        except UserError:
+            pass
+    return "hf"  # any other hub id ("owner/name"); from_pretrained says if it cannot be had
+
+
+def _tokenizer_identity(facts: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two tokenizers the same: token ids then mean the same text."""
+    kind = facts.get("tokenizer")
+    if kind == "char":
+        return (kind, tuple(facts.get("itos") or ()))
+    if kind == "bpe" and isinstance(facts.get("tokenizer_json"), str):
+        return (kind, data.BPETokenizer(facts["tokenizer_json"]).sha256)
+    return (kind, facts.get("vocab_size"))
+
+
+def _describe_tokenizer(facts: dict[str, Any]) -> str:
+    kind, size, dataset = facts.get("tokenizer"), facts.get("vocab_size"), facts.get("dataset")
+    return f"the {size}-token {kind} tokenizer of {dataset}"
+
+
+def _check_fit(
+    init_from: str, n_positions: int, model_vocab: int, cfg: Any, vocab_size: int
+) -> None:
+    if vocab_size > model_vocab:
+        raise UserError(
+            f"data vocabulary ({vocab_size} tokens) is larger than {init_from}'s "
+            f"({model_vocab}); use --tokenizer gpt2 with pretrained weights"
+        )
+    if cfg.block_size > n_positions:
+        raise UserError(
+            f"block_size={cfg.block_size} exceeds {init_from}'s context of "
+            f"{n_positions}; use a block_size <= {n_positions}"
+        )
+
+
+def check_init_fit(cfg: Any, meta: dict[str, Any]) -> None:
+    """Whether the weights `cfg.init_from` names fit the run's data (`meta`, load_meta's)
+    and block size: one UserError line before Ray starts, not from a worker later.
+
+    A raygpt checkpoint or a raygpt export must also have been trained with this data's
+    tokenizer (the same characters, the same trained BPE): the same ids, the same text.
+    Hub ids other than OpenAI's are checked only once loaded (`model_to_train`).
+    """
+    kind = init_kind(cfg.init_from, cfg.storage_path)
+    if kind == "scratch":
+        return
+    if kind == "raygpt":
+        state, _, model_config, where = _load_checkpoint(cfg.init_from, cfg.storage_path)
+        facts = state.get("data") if isinstance(state.get("data"), dict) else {}
+        shape = {"n_positions": model_config.block_size, "vocab_size": model_config.vocab_size}
+    else:
+        facts, where = export_data_facts(cfg.init_from), cfg.init_from
+        shape = pretrained_shape(cfg.init_from)
+    if facts is not None and _tokenizer_identity(facts) != _tokenizer_identity(meta):
+        raise UserError(
+            f"init_from {where} was trained with {_describe_tokenizer(facts)}, but this run's "
+            f"data uses {_describe_tokenizer(meta)}; the same ids would mean other text: "
+            "prepare the data with the same tokenizer, or start from scratch"
+        )
+    if shape is not None:
+        _check_fit(
+            cfg.init_from, shape["n_positions"], shape["vocab_size"], cfg, meta["vocab_size"]
+        )
+
+
+def model_to_train(cfg: Any, vocab_size: int) -> GPT:
+    """The GPT a run with `init_from` starts from: pretrained Hugging Face GPT-2 weights or
+    a raygpt checkpoint's (its model only: optimizer and step start afresh, as when
+    finetuning; --resume is what continues a run). Its shape is the weights' own, with
+    the run's dropout and its context cropped to the run's block_size."""
+    if init_kind(cfg.init_from, cfg.storage_path) == "raygpt":
+        _, weights, model_config, where = _load_checkpoint(cfg.init_from, cfg.storage_path)
+        model_config.dropout = cfg.dropout
+        model = _gpt_from_weights(model_config, weights, where)
+    else:
+        model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+    # Again, once loaded: a hub id's shape is known only now.
+    _check_fit(cfg.init_from, model.config.block_size, model.config.vocab_size, cfg, vocab_size)
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    return model

@@ -215,7 +215,7 @@ def test_bad_arguments_raise_user_error(tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'nope'.*pydocs_char"):
         data.prepare("nope", data_dir=tmp_path)
     with pytest.raises(UserError, match="unknown tokenizer"):
-        data.prepare(data_file=tmp_path / "x.txt", tokenizer="bpe", data_dir=tmp_path)
+        data.prepare(data_file=tmp_path / "x.txt", tokenizer="wordpiece", data_dir=tmp_path)
     with pytest.raises(UserError, match="shakespeare_char uses the char tokenizer"):
         data.prepare("shakespeare_char", tokenizer="gpt2", data_dir=tmp_path)
     with pytest.raises(UserError, match="val_fraction"):

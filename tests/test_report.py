@@ -164,35 +164,55 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- summary
 
 
-def test_summary_best_lr_per_optimizer(sweep):
+def _val_at(steps, trial_id, step):
+    return next(
+        r["val_loss"] for r in steps.to_pylist() if r["trial_id"] == trial_id and r["step"] == step
+    )
+
+
+def test_summary_best_lr_per_optimizer_at_equal_budget(sweep):
     trials, steps, metadata = report.load(sweep)
     summary = report.summarize(trials, steps)
     by_opt = {e["optimizer"]: e for e in summary["optimizers"]}
     assert by_opt["adamw"]["best_learning_rate"] == pytest.approx(1e-3)  # not the diverged 1e-2
-    assert by_opt["adamw"]["best_val_loss"] == pytest.approx(1.40)
+    # The val at the budget every compared trial reached (step 60), not a best-ever value.
+    assert by_opt["adamw"]["best_val_loss"] == pytest.approx(_val_at(steps, "t02", 60))
+    assert by_opt["adamw"]["budget"] == 60
     assert by_opt["sgd"]["best_learning_rate"] == pytest.approx(3e-2)
-    assert by_opt["momentum"]["best_learning_rate"] == pytest.approx(
-        3e-3
-    )  # stopped early, still best
-    assert by_opt["momentum"]["best_momentum"] == pytest.approx(0.95)
+    # momentum's lowest number came from a trial ASHA stopped at step 20 (lr 3e-3): not
+    # comparable with the completed 1e-2 at step 60, so the completed one is the answer.
+    assert by_opt["momentum"]["best_learning_rate"] == pytest.approx(1e-2)
+    assert by_opt["momentum"]["best_momentum"] == pytest.approx(0.9)
     assert [e["optimizer"] for e in summary["optimizers"]] == ["adamw", "momentum", "sgd"]
     best = summary["best"]
     assert (best["optimizer"], best["learning_rate"]) == ("adamw", pytest.approx(1e-3))
-    assert best["val_loss"] == pytest.approx(1.40)
+    assert best["val_loss"] == pytest.approx(_val_at(steps, "t02", 60))
+    assert best["step"] == 60
     assert metadata["name"] == "lr-sweep-test"
+    # Every budget's best: at step 20 the stopped trials compete with the others' step 20.
+    budgets = {b["step"]: b for b in summary["comparison"]["budgets"]}
+    assert set(budgets) >= {20, 60}
+    at_20 = [
+        _val_at(steps, t[0], 20)
+        for t in TRIALS
+        if t[3] in ("completed", "stopped_early", "running")
+    ]
+    assert budgets[20]["best"]["mean"] == pytest.approx(min(at_20))
 
 
-def test_best_lr_at_the_end_of_the_tried_range_is_flagged(sweep):
-    summary = report.summarize(*report.load(sweep)[:2])
-    by_opt = {e["optimizer"]: e["best_at_edge"] for e in summary["optimizers"]}
-    # adamw's best (1e-3) has larger lrs tried; sgd's best (3e-2) has larger ones that
-    # diverged (they bracket it); momentum's best (3e-3) is the smallest it tried.
-    assert by_opt == {"adamw": None, "sgd": None, "momentum": "lowest"}
+def test_best_lr_at_the_end_of_the_tried_range_is_flagged(tmp_path):
+    specs = [
+        ("t00", "momentum", 1e-3, "completed", 1.60, 60, 0.9, False),
+        ("t01", "momentum", 3e-3, "completed", 1.70, 60, 0.9, False),
+        ("t02", "momentum", 1e-2, "completed", 1.80, 60, 0.9, False),
+    ]
+    summary = report.summarize(*report.load(_write_sweep(tmp_path / "a", specs=specs))[:2])
+    assert summary["optimizers"][0]["best_at_edge"] == "lowest"
     lines = report.format_summary(summary).splitlines()
     flagged = [ln for ln in lines if ln.startswith("range:")]
     assert flagged == [
-        "range:    momentum's best lr 0.003 is the lowest it tried; the optimum may lie "
-        "below: try --lr-range momentum=0.0003:0.03"
+        "range:    momentum's best lr 0.001 is the lowest it tried; the optimum may lie "
+        "below: try --lr-range momentum=0.0001:0.01"
     ]
 
 
@@ -256,7 +276,7 @@ def test_format_summary_table(sweep):
     table = [ln for ln in lines if ln.split() and ln.split()[0] in ("adamw", "sgd", "momentum")]
     assert [ln.split()[0] for ln in table] == ["adamw", "momentum", "sgd"]  # sorted by best loss
     assert table[0].split()[1] == "0.001"
-    assert "1.4000" in table[0]
+    assert f"{_val_at(steps, 't02', 60):.4f}" in table[0]
     assert any(ln.startswith("best:") and "adamw at lr 0.001" in ln for ln in lines)
     assert any(ln.startswith("status:") and "3 diverged" in ln for ln in lines)
     assert any(ln.startswith("compute:") and f"{len(steps):,} steps" in ln for ln in lines)

@@ -4,7 +4,8 @@ Where each concern lives:
 
 * ``sources``   -- where text comes from: registered datasets, files, downloads, and
                    the large named corpora (fineweb_edu, openwebtext).
-* ``tokenizers`` -- characters and GPT-2 BPE (tiktoken), offline-safe.
+* ``tokenizers`` -- characters, GPT-2 BPE (tiktoken, offline-safe), and a byte-level
+                   BPE trained on the dataset (Hugging Face tokenizers).
 * ``shards``    -- llm.c's token shard format (header of 256 int32, then the tokens).
 * ``manifest``  -- a dataset folder (raygpt's manifest.json, bare llm.c shards, or
                    nanoGPT's train.bin/val.bin) read into one description: `load_meta`.
@@ -48,11 +49,13 @@ from raygpt.data.sources import (
     download,
     pydocs_documents,
     pydocs_files,
+    read_data_file,
     read_text_file,
 )
 from raygpt.data.tokenizers import (
     GPT2_VOCAB_SIZE,
     GPT2_VOCAB_URL,
+    BPETokenizer,
     CharTokenizer,
     GPT2Tokenizer,
     _tokenize,
@@ -82,6 +85,7 @@ __all__ = [
     "SHAKESPEARE_URL",
     "SPLITS",
     "TOKENIZERS",
+    "BPETokenizer",
     "BatchSampler",
     "CharTokenizer",
     "CorpusSpec",
@@ -102,6 +106,7 @@ __all__ = [
     "prepare_from_config",
     "pydocs_documents",
     "pydocs_files",
+    "read_data_file",
     "read_text_file",
     "read_tokens",
     "tokenizer_from_meta",

@@ -34,9 +34,20 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--dataset", default=None, help=f"registered dataset (default {DEFAULT_DATASET})"
     )
-    pp.add_argument("--data-file", default=None, metavar="PATH", help="a local UTF-8 text file")
     pp.add_argument(
-        "--tokenizer", choices=TOKENIZERS, default=None, help="for --data-file (default char)"
+        "--data-file",
+        default=None,
+        metavar="PATH",
+        help='a local UTF-8 text file, or JSONL (.jsonl[.gz]) of {"text": ...} lines',
+    )
+    pp.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default=None,
+        help="for --data-file (default char); bpe trains a byte-level BPE on the text",
+    )
+    pp.add_argument(
+        "--vocab-size", type=int, default=None, help="with --tokenizer bpe: its size (>= 257)"
     )
     pp.add_argument(
         "--data-dir",
@@ -98,10 +109,10 @@ def _summary(path: str) -> str:
 def _prepare_corpus(args: argparse.Namespace) -> str:
     if args.data_file is not None:
         raise UserError("give either --input or --data-file, not both")
-    if args.tokenizer == "char":
+    if args.tokenizer in ("char", "bpe"):
         raise UserError(
-            "--input corpora are BPE (gpt2) only: a character vocabulary needs the whole "
-            "text at once; use --data-file for a character-level dataset"
+            f"--input corpora are GPT-2 BPE (gpt2) only: a {args.tokenizer} vocabulary is "
+            "made from the whole text at once; use --data-file for it"
         )
     common = dict(
         text_column=args.text_column,
@@ -139,7 +150,10 @@ def _run(argv: Sequence[str] | None) -> int:
             print(f"{spec.name:<18} {spec.tokenizer:<5} {spec.description}{default}")
         for corpus in CORPORA.values():
             print(f"{corpus.name:<18} {'gpt2':<5} {corpus.description}")
-        print(f"{'--data-file PATH':<18} {'char|gpt2':<5} any local UTF-8 text (--tokenizer)")
+        print(
+            f"{'--data-file PATH':<18} {'char|gpt2|bpe':<5} any local UTF-8 text or JSONL "
+            "(--tokenizer, --vocab-size)"
+        )
         print(f"{'--input PATH...':<18} {'gpt2':<5} Parquet, JSONL or text files, local or s3://")
         return 0
     if args.command == "verify":
@@ -156,7 +170,7 @@ def _run(argv: Sequence[str] | None) -> int:
         raise UserError("give either --dataset or --data-file, not both")
     if args.data_file is None and args.tokenizer is not None:
         spec = DATASETS.get(args.dataset or DEFAULT_DATASET)
-        if spec is not None and spec.tokenizer != args.tokenizer:
+        if spec is not None and args.tokenizer not in (spec.tokenizer, "bpe"):
             raise UserError(
                 f"--tokenizer {args.tokenizer} does not apply to dataset {spec.name} "
                 f"({spec.tokenizer}); --tokenizer is for --data-file"
@@ -167,6 +181,7 @@ def _run(argv: Sequence[str] | None) -> int:
         tokenizer=args.tokenizer or "char",
         data_dir=args.data_dir,
         val_fraction=args.val_fraction if args.val_fraction is not None else DEFAULT_VAL_FRACTION,
+        vocab_size=args.vocab_size,
     )
     print(path)
     print(_summary(str(path)))

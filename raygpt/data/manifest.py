@@ -4,8 +4,9 @@ Three kinds of folder load, locally or on object storage (s3://, gs://):
 
 * raygpt's: ``manifest.json`` (the tokenizer with its vocabulary or BPE identity,
   every shard with its token count and sha256, the validation split, the source and
-  the versions that made it) beside llm.c-format shards. It is written last, so its
-  presence marks the folder complete.
+  the versions that made it) beside llm.c-format shards, and the ``tokenizer.json``
+  of a BPE trained on the data. The manifest is written last, so its presence marks
+  the folder complete.
 * llm.c's or modded-nanogpt's shards without a manifest (``*train*.bin``,
   ``*val*.bin``, in name order): GPT-2 BPE, or llama-3 for llm.c's uint32 shards.
 * nanoGPT's headerless uint16 ``train.bin`` and ``val.bin`` (its ``meta.pkl``, if
@@ -81,7 +82,8 @@ def build_manifest(
     made_by: dict[str, str],
 ) -> dict[str, Any]:
     """The manifest of a dataset: `tokenizer` holds tokenizer, vocab_size, dtype and
-    itos (char) or encoding, encoding_sha256, eos_token (BPE); `shards` per split
+    itos (char), or encoding, encoding_sha256, eos_token (GPT-2 BPE), or tokenizer_file,
+    tokenizer_sha256, eos_token (a trained BPE, "bpe"); `shards` per split
     [{file, tokens, sha256}] in reading order."""
     dtype = tokenizer["dtype"]
     return {
@@ -236,6 +238,8 @@ def _from_manifest(location: Location, verify: bool | None) -> dict:
             or len(set(itos)) != len(itos)
         ):
             raise bad("has an invalid itos (expected vocab_size distinct single characters)")
+    if tok["tokenizer"] == "bpe":
+        tok = {**tok, "tokenizer_json": _trained_bpe(location, tok, bad)}
 
     shards: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
@@ -274,6 +278,22 @@ def _from_manifest(location: Location, verify: bool | None) -> dict:
         **{k: v for k, v in source.items() if k in ("python_version",)},
     }
     return {**meta, "location": location.uri, "shards": shards}
+
+
+def _trained_bpe(location: Location, tok: dict[str, Any], bad: Any) -> str:
+    """The tokenizer.json a trained-BPE dataset carries, checked against its sha256."""
+    import hashlib
+
+    name = tok.get("tokenizer_file")
+    if not isinstance(name, str) or "/" in name:
+        raise bad(f"names no valid tokenizer_file ({name!r}) for its trained BPE")
+    try:
+        raw = location.read_bytes(name)
+    except (OSError, FileNotFoundError) as exc:
+        raise bad(f"names {name}, which cannot be read ({one_line(exc)})") from None
+    if hashlib.sha256(raw).hexdigest() != tok.get("tokenizer_sha256"):
+        raise bad(f"records another sha256 for {name} than the file has (changed or damaged)")
+    return raw.decode("utf-8")
 
 
 def _check_shards(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from raygpt.data.cache import data_root, discard, file_lock, safe_name
-from raygpt.data.common import DEFAULT_DATASET, DEFAULT_VAL_FRACTION, TOKENIZERS
+from raygpt.data.common import BPE_FILE, DEFAULT_DATASET, DEFAULT_VAL_FRACTION, TOKENIZERS
 from raygpt.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -34,8 +34,14 @@ from raygpt.data.manifest import (
     versions,
 )
 from raygpt.data.shards import write_shard
-from raygpt.data.sources import CORPORA, DATASETS, Source, read_text_file
-from raygpt.data.tokenizers import _tokenize, load_gpt2_encoding
+from raygpt.data.sources import CORPORA, DATASETS, Source, read_data_file
+from raygpt.data.tokenizers import (
+    BPETokenizer,
+    _tokenize,
+    check_bpe_vocab_size,
+    load_gpt2_encoding,
+    train_bpe,
+)
 from raygpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,11 @@ def _write_dataset(tmp: Path, ids: np.ndarray, meta: dict, val_fraction: float) 
             f"val with val_fraction {val_fraction:g}; use a longer text"
         )
     tok_keys = ("tokenizer", "vocab_size", "dtype", "itos", "encoding", "encoding_sha256")
-    tokenizer = {k: meta[k] for k in (*tok_keys, "eos_token") if k in meta}
+    tokenizer = {k: meta[k] for k in (*tok_keys, "eos_token", "tokenizer_sha256") if k in meta}
+    if meta["tokenizer"] == "bpe":
+        # The trained BPE is part of the data: a file beside the shards, named by the manifest.
+        (tmp / BPE_FILE).write_text(meta["tokenizer_json"], encoding="utf-8")
+        tokenizer["tokenizer_file"] = BPE_FILE
     shards = {}
     for split, tokens in parts.items():
         name = shard_name(split, 0)
@@ -83,7 +93,7 @@ def _write_dataset(tmp: Path, ids: np.ndarray, meta: dict, val_fraction: float) 
             "sha256": meta["source_sha256"],
             **{k: v for k, v in meta.items() if k == "python_version"},
         },
-        made_by=versions("tiktoken") if meta["tokenizer"] == "gpt2" else versions(),
+        made_by=versions(*{"gpt2": ["tiktoken"], "bpe": ["tokenizers"]}.get(meta["tokenizer"], [])),
     )
     part = tmp / f"{MANIFEST}.part"
     part.write_bytes(manifest_bytes(manifest))
@@ -99,19 +109,35 @@ def prepare(
     data_dir: str | Path | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     encoding: Any = None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Prepare a dataset once (cached) and return its directory.
 
-    `dataset` names a registered dataset; `data_file` (with `tokenizer` "char" or
-    "gpt2") uses a local UTF-8 text instead. For registered datasets the tokenizer is
-    the dataset's own. A large corpus (fineweb_edu, openwebtext) is returned once
+    `dataset` names a registered dataset; `data_file` (with `tokenizer` "char", "gpt2"
+    or "bpe") uses a local UTF-8 text, or JSONL with a "text" field per line, instead.
+    For registered datasets the tokenizer is the dataset's own, or "bpe". "bpe" trains
+    a byte-level BPE of `vocab_size` tokens on the text (see tokenizers.train_bpe),
+    stored with the dataset. A large corpus (fineweb_edu, openwebtext) is returned once
     `python -m raygpt.data prepare --dataset NAME` has made it. `encoding` injects a
-    tiktoken Encoding for gpt2 (tests).
+    tiktoken Encoding for gpt2 (tests), or, for bpe, a BPETokenizer to use instead of
+    training one (to score a model's own BPE on new text).
     """
     if tokenizer not in TOKENIZERS:
         raise UserError(f"unknown tokenizer {tokenizer!r}; use one of: {', '.join(TOKENIZERS)}")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    given_bpe = tokenizer == "bpe" and isinstance(encoding, BPETokenizer)
+    if tokenizer == "bpe" and not given_bpe:
+        check_bpe_vocab_size(vocab_size)
+    elif vocab_size is not None and tokenizer != "bpe":
+        raise UserError(
+            f"vocab_size={vocab_size} is for --tokenizer bpe only; the {tokenizer} "
+            "tokenizer's vocabulary is fixed by the text or the encoding"
+        )
+    # A trained BPE's cache name says its size (or which given BPE), so sizes never collide.
+    tok_tag = tokenizer
+    if tokenizer == "bpe":
+        tok_tag = f"bpe-{encoding.sha256[:12]}" if given_bpe else f"bpe{vocab_size}"
 
     if data_file is not None:
         if dataset not in (None, DEFAULT_DATASET):
@@ -119,10 +145,10 @@ def prepare(
                 f"give either --dataset ({dataset}) or --data-file ({data_file}), not both"
             )
         path = Path(data_file).expanduser()
-        text = read_text_file(path)
-        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        name = f"file-{safe_name(path.stem)}-{sha[:12]}-{tokenizer}"
-        src = Source(documents=[text], description=str(path.resolve()))
+        documents, sha = read_data_file(path)
+        stem = Path(path.stem).stem if path.suffix.lower() == ".gz" else path.stem
+        name = f"file-{safe_name(stem)}-{sha[:12]}-{tok_tag}"
+        src = Source(documents=documents, description=str(path.resolve()))
 
         def build(root: Path) -> Source:
             return src
@@ -138,13 +164,15 @@ def prepare(
                 f"unknown dataset {dataset!r}; available: {', '.join([*DATASETS, *CORPORA])} "
                 "(or pass --data-file PATH)"
             )
-        if tokenizer != "char" and tokenizer != spec.tokenizer:
+        if tokenizer not in ("char", "bpe", spec.tokenizer):
             others = [n for n, s in DATASETS.items() if s.tokenizer == tokenizer]
             raise UserError(
                 f"dataset {dataset} uses the {spec.tokenizer} tokenizer, not {tokenizer}; "
                 f"choose another dataset ({', '.join(others) or 'none'}) or use --data-file"
             )
         name, build, tok = spec.name, spec.build, spec.tokenizer
+        if tokenizer == "bpe":  # any registered text, with a BPE trained on it
+            name, tok = f"{spec.name}-{tok_tag}", "bpe"
     if val_fraction != DEFAULT_VAL_FRACTION:
         name += f"-val{val_fraction:g}"
 
@@ -161,6 +189,8 @@ def prepare(
         if tok == "gpt2" and encoding is None:
             encoding = load_gpt2_encoding()
         source = build(root)
+        if tok == "bpe" and not given_bpe:
+            encoding = train_bpe(source.documents, vocab_size)
         ids, tok_meta = _tokenize(source, tok, encoding)
         meta: dict[str, Any] = {
             "dataset": name,
@@ -211,5 +241,6 @@ def prepare_from_config(cfg: Any) -> tuple[Path | str, dict]:
         data_file=cfg.data_file,
         tokenizer=cfg.tokenizer,
         data_dir=cfg.data_dir,
+        vocab_size=getattr(cfg, "vocab_size", None),
     )
     return prepared, load_meta(prepared)

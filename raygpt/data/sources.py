@@ -182,17 +182,74 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def read_text_file(path: str | Path) -> str:
-    """A local UTF-8 text file; missing, unreadable, non-UTF-8 or empty -> UserError."""
-    path = Path(path).expanduser()
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+
+
+def is_jsonl(path: str | Path) -> bool:
+    return str(path).lower().endswith(JSONL_SUFFIXES)
+
+
+def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise UserError(f"data file not found: {path}; pass --data-file with an existing file")
     if not path.is_file():
         raise UserError(f"data file is not a regular file: {path}; pass a text file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read data file {path} ({one_line(exc)})") from exc
+
+
+def read_data_file(path: str | Path) -> tuple[list[str], str]:
+    """A local --data-file as documents, and the sha256 of its bytes (the cache key).
+
+    Plain UTF-8 text is one document. JSONL (.jsonl, .ndjson, optionally gzipped) is one
+    JSON object per line with a string field "text", each line a document; blank lines
+    are skipped, and a line that is not such an object is a UserError naming its number.
+    """
+    path = Path(path).expanduser()
+    if not is_jsonl(path):
+        text = read_text_file(path)
+        return [text], hashlib.sha256(text.encode("utf-8")).hexdigest()
+    raw = _read_bytes(path)
+    sha = hashlib.sha256(raw).hexdigest()
+    if path.name.lower().endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"data file {path} is not valid gzip ({one_line(exc)})") from None
+    import json
+
+    docs = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)  # bytes: JSON's own UTF-8 (a bad byte is an error)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"data file {path} line {number} is not valid JSON ({one_line(exc)}); "
+                'each line must be an object with a "text" field'
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            got = "no" if not isinstance(record, dict) or "text" not in record else "a non-string"
+            raise UserError(
+                f'data file {path} line {number} has {got} "text" field; each line must be '
+                'a JSON object like {"text": "..."}'
+            )
+        docs.append(record["text"])
+    if not any(docs):
+        raise UserError(f'data file {path} holds no text; give lines like {{"text": "..."}}')
+    return docs, sha
+
+
+def read_text_file(path: str | Path) -> str:
+    """A local UTF-8 text file; missing, unreadable, non-UTF-8 or empty -> UserError."""
+    path = Path(path).expanduser()
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

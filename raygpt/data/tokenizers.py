@@ -1,8 +1,11 @@
-"""Tokenizers: characters, and GPT-2 BPE through tiktoken (which fails fast offline).
+"""Tokenizers: characters, GPT-2 BPE through tiktoken (which fails fast offline), and a
+byte-level BPE trained on the dataset itself with Hugging Face `tokenizers`.
 
 A prepared dataset records its tokenizer: a character dataset its whole vocabulary
-(``itos``), a BPE dataset the encoding's name and a sha256 of its ranks, pattern and
-special tokens, so that data and tokenizer are never paired by name alone.
+(``itos``), a GPT-2 BPE dataset the encoding's name and a sha256 of its ranks, pattern
+and special tokens, a trained BPE its tokenizer.json (stored beside the shards, and
+carried by checkpoints as ``tokenizer_json``), so that data and tokenizer are never
+paired by name alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from raygpt.data.common import EOT, one_line
+from raygpt.data.common import BPE_MIN_VOCAB_SIZE, EOT, one_line
 from raygpt.data.shards import choose_dtype
 from raygpt.errors import UserError
 
@@ -269,10 +272,111 @@ class GPT2Tokenizer:
         return self.encoding.decode([int(i) for i in ids])
 
 
-def tokenizer_from_meta(meta: dict, *, encoding: Any = None) -> CharTokenizer | GPT2Tokenizer:
+class BPETokenizer:
+    """A byte-level BPE trained on a dataset, as a Hugging Face `tokenizers` JSON.
+
+    Byte level: every byte string has ids (nothing is unknown), and decoding any ids
+    gives text back (a cut multi-byte character becomes U+FFFD, as in GPT-2)."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # Canonical (compact) JSON: a pretty-printed copy, as in an export, is the same BPE.
+        self.tokenizer_json = self.tokenizer.to_str()
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.eos_token = self.tokenizer.token_to_id(EOT)
+        self.sha256 = hashlib.sha256(self.tokenizer_json.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many documents at once (tokenizers encodes them in parallel)."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def check_bpe_vocab_size(vocab_size: int | None) -> int:
+    """The vocabulary size a trained BPE may have, or a UserError naming the value."""
+    if vocab_size is None:
+        raise UserError(
+            f"--tokenizer bpe trains a BPE on the data and needs its size: pass --vocab-size N "
+            f"(N >= {BPE_MIN_VOCAB_SIZE}; GPT-2 has 50257)"
+        )
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UserError(f"vocab_size={vocab_size!r} must be an integer >= {BPE_MIN_VOCAB_SIZE}")
+    if vocab_size < BPE_MIN_VOCAB_SIZE:
+        raise UserError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE, which holds the 256 "
+            f"byte values plus {EOT}; use --vocab-size {BPE_MIN_VOCAB_SIZE} or more"
+        )
+    return vocab_size
+
+
+def train_bpe(documents: Sequence[str], vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE (GPT-2's pre-tokenizer pattern) trained on `documents`, with
+    `vocab_size` tokens at most: the 256 bytes, the merges, and <|endoftext|> last (its
+    id in GPT-2). A text with fewer distinct pairs than merges asked for gets fewer.
+
+    Training is deterministic (same text and size, same tokenizer.json), so ranks or
+    nodes that prepare the same dataset separately agree."""
+    check_bpe_vocab_size(vocab_size)
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as exc:
+        raise UserError(
+            "--tokenizer bpe needs the tokenizers package: pip install tokenizers"
+        ) from exc
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,  # <|endoftext|> is added after training, as the last id
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
+        show_progress=False,
+    )
+    docs = [d for d in documents if d]
+    tokenizer.train_from_iterator(docs, trainer, length=len(docs))
+    tokenizer.add_special_tokens([EOT])
+    return BPETokenizer(tokenizer.to_str())
+
+
+def trained_bpe_meta(tok: BPETokenizer) -> dict[str, Any]:
+    """The tokenizer fields a trained-BPE dataset records (the JSON itself goes to a file)."""
+    return {
+        "tokenizer": "bpe",
+        "vocab_size": tok.vocab_size,
+        "dtype": choose_dtype(tok.vocab_size),
+        "eos_token": tok.eos_token,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer_json": tok.tokenizer_json,
+    }
+
+
+def tokenizer_from_meta(
+    meta: dict, *, encoding: Any = None
+) -> CharTokenizer | GPT2Tokenizer | BPETokenizer:
     """The tokenizer a prepared dataset was made with (`encoding` injects a tiktoken one)."""
     if meta.get("tokenizer") == "char":
         return CharTokenizer(meta["itos"])
+    if meta.get("tokenizer") == "bpe":
+        if not isinstance(meta.get("tokenizer_json"), str):
+            raise UserError(
+                f"the dataset {meta.get('dataset')} uses a trained BPE but its tokenizer.json "
+                "is missing; re-prepare the dataset"
+            )
+        bpe = BPETokenizer(meta["tokenizer_json"])
+        if bpe.vocab_size != meta.get("vocab_size"):
+            raise UserError(
+                f"the trained BPE of {meta.get('dataset')} has {bpe.vocab_size} tokens but "
+                f"{meta.get('vocab_size')} are recorded; re-prepare the dataset"
+            )
+        return bpe
     if meta.get("tokenizer") == "gpt2":
         tok = GPT2Tokenizer(encoding if encoding is not None else load_gpt2_encoding())
         if tok.vocab_size != meta.get("vocab_size"):
@@ -289,7 +393,9 @@ def tokenizer_from_meta(meta: dict, *, encoding: Any = None) -> CharTokenizer | 
                 f"({getattr(tok.encoding, 'name', None)!r}); re-prepare it with this tokenizer"
             )
         return tok
-    raise UserError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta; expected char or gpt2")
+    raise UserError(
+        f"unknown tokenizer {meta.get('tokenizer')!r} in meta; expected char, gpt2 or bpe"
+    )
 
 
 def _tokenize(source: Any, tokenizer: str, encoding: Any) -> tuple[np.ndarray, dict]:
@@ -298,7 +404,18 @@ def _tokenize(source: Any, tokenizer: str, encoding: Any) -> tuple[np.ndarray, d
     Character level: the documents joined by blank lines. BPE: <|endoftext|> between
     documents (a single file is one document, so it has none), as today's datasets
     always had; the large-corpus path in prepare_corpus follows *every* document with it.
+    For "bpe", `encoding` is the trained BPETokenizer.
     """
+    if tokenizer == "bpe":
+        meta = trained_bpe_meta(encoding)
+        docs = [d for d in source.documents if d]
+        pieces = []
+        for i, ids in enumerate(encoding.encode_batch(docs)):
+            if i:
+                pieces.append([meta["eos_token"]])
+            pieces.append(ids)
+        flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces] or [np.zeros(0, int)])
+        return flat.astype(meta["dtype"]), meta
     if tokenizer == "char":
         text = source.text()
         if not text:
