@@ -118,7 +118,9 @@ def test_two_nodes_ddp_equals_one_node_and_sweep_writes_to_s3(s3_storage, data_d
     for trial in trials:
         tid = trial["trial_id"]
         assert any(f.startswith(f"runs/{tid}/steps/part-") for f in files), files
-        assert any(f.startswith(f"runs/{tid}/checkpoint_") for f in files), files
+        # One-worker trials checkpoint to Tune, in the trial's own folder of the sweep.
+        assert any(f.startswith(f"{tid}/checkpoint_") for f in files), files
+        assert f"logs/{tid}.log" in files, files
         assert any(f.startswith(f"tensorboard/{tid}/events.out.tfevents") for f in files)
     rows = step_rows(_run_uri(s3_storage, "sweep"))
     assert len(rows) == 20 and len({(r["trial_id"], r["step"]) for r in rows}) == 20
