@@ -69,6 +69,9 @@ class SweepConfig:
     # each rung (rung_cooldown.py), not the undecayed val; 0: rank the plain val loss.
     rung_cooldown: float = 0.2
     pbt_interval: int | None = None  # PBT: steps between exploit/explore; default grace_steps
+    # PBT waits for every trial at each interval before exploiting, so which trial clones
+    # which depends on the losses alone, not on which finished its steps first.
+    pbt_synch: bool = True
     grid_points: int = 5  # learning rates per optimizer for --search grid
     lr_range: list[str] = field(default_factory=list)  # OPT=LO:HI, overrides the defaults
     # Other TrainConfig keys to search: KEY=LO:HI, KEY=LO:HI:log or KEY=a,b,c (search_space.py)

@@ -204,6 +204,7 @@ def build_scheduler(sweep: SweepConfig, train: TrainConfig):
             custom_explore_fn=ClampToRange(ranges),
             quantile_fraction=0.25,
             resample_probability=0.25,
+            synch=sweep.pbt_synch,
         )
     return ASHAScheduler(
         time_attr="step",
