@@ -31,6 +31,7 @@ import io
 import json
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -142,13 +143,29 @@ def write_table(storage: Storage, fs_path: str, table: pa.Table) -> None:
     storage.write_bytes(fs_path, sink.getvalue().to_pybytes())
 
 
+READ_RETRIES = 4
+
+
 def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
-    """A Parquet file, or None when it is not there."""
-    try:
-        data = storage.read_bytes(fs_path)
-    except FileNotFoundError:
-        return None
-    return pq.read_table(pa.BufferReader(data))
+    """A Parquet file, or None when it is not there.
+
+    On object storage a read is a HEAD and then ranged GETs, so a reader that overlaps
+    a rewrite of the object (trials.parquet while a sweep runs) can get bytes of both
+    versions. Every writer here replaces a file whole within a second, so a read that
+    does not parse is retried a few times before it counts as damaged.
+    """
+    for attempt in range(READ_RETRIES):
+        try:
+            data = storage.read_bytes(fs_path)
+        except FileNotFoundError:
+            return None
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except pa.ArrowInvalid:
+            if attempt == READ_RETRIES - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def write_json(storage: Storage, fs_path: str, value: Any) -> None:
