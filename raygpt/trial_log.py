@@ -5,7 +5,8 @@ process) to `<sweep>/logs/<trial_id>.log` on the sweep's storage, so the
 driver's console holds one live view rather than every trial's lines
 interleaved. The file is written whole at each report (one PUT on object
 storage; a trial's log is a few kilobytes) and when the trial ends, so a
-killed trial's log is as fresh as its last report. `echo` (`--verbose`) also
+killed trial's log is as fresh as its last report. A restarted trial writes
+`<trial_id>.1.log`, `.2.log` and so on beside it. `echo` (`--verbose`) also
 passes the lines on to the process's own streams, which Ray forwards to the
 driver.
 """
@@ -53,8 +54,6 @@ class TrialLog:
         self._buffer = io.StringIO()
         self._lock = threading.Lock()
         self._saved: tuple[TextIO, TextIO] | None = None
-        if store.exists(path):  # a restarted trial appends to its earlier attempts' lines
-            self._buffer.write(store.read_bytes(path).decode(errors="replace"))
 
     def save(self) -> None:
         with self._lock:
@@ -74,11 +73,25 @@ class TrialLog:
                 self.save()
 
 
+def attempt_path(store: Storage, path: str) -> str:
+    """This attempt's own file: `X.log` for a trial's first attempt, `X.1.log`, `X.2.log`
+    ... for restarts (a retry, a restored sweep, a PBT clone). Never an earlier attempt's
+    file: the process of an attempt whose driver was killed can outlive it for seconds,
+    and its saves must not overwrite the lines of the attempt that replaced it."""
+    if not store.exists(path):
+        return path
+    stem = path.removesuffix(".log")
+    n = 1
+    while store.exists(f"{stem}.{n}.log"):
+        n += 1
+    return f"{stem}.{n}.log"
+
+
 @contextlib.contextmanager
 def maybe_capture(store: Storage, path: str | None, echo: bool) -> Iterator[TrialLog | None]:
-    """TrialLog.capture() when a path is given, else nothing."""
+    """TrialLog.capture() into this attempt's file when a path is given, else nothing."""
     if not path:
         yield None
         return
-    with TrialLog(store, path, echo).capture() as log:
+    with TrialLog(store, attempt_path(store, path), echo).capture() as log:
         yield log

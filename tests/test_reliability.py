@@ -87,9 +87,12 @@ def test_killed_sweep_driver_resumes_without_loss_or_duplicates(data_dir, tmp_pa
         timeout=400,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
-    # The victim's own log (kept on the bucket, both attempts) says where it resumed.
-    victim_log = storage.resolve(_under(sweep_uri, "logs"), check=False)
-    text = victim_log.read_bytes(f"{victim_log.root}/{victim}.log").decode()
+    # The victim's resumed attempt has its own log on the bucket, which says where it
+    # resumed (the first attempt's process may outlive the kill and keep saving its own).
+    logs = storage.resolve(_under(sweep_uri, "logs"), check=False)
+    names = [n for n in logs.list_dir(logs.root) if n.startswith(f"{victim}.")]
+    assert f"{victim}.log" in names and f"{victim}.1.log" in names, names
+    text = logs.read_bytes(f"{logs.root}/{victim}.1.log").decode()
     assert "resumed from step" in text, text[-2000:]
     # The console holds the live view, not Ray Train's per-report INFO lines.
     assert "Reporting training result" not in resumed.stdout + resumed.stderr
