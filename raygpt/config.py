@@ -46,6 +46,15 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STORAGE_ENV = "RAYGPT_STORAGE_PATH"
 
 
+def check_rung_cooldown(value: float) -> None:
+    """The one check of a rung-cooldown fraction: TrainConfig's and the sweep's own key."""
+    if not 0 <= value <= 1:
+        raise UserError(
+            f"rung_cooldown={value} must be between 0 (off) and 1 (a cooldown "
+            "as long as the steps so far)"
+        )
+
+
 def default_storage_path() -> str:
     """$RAYGPT_STORAGE_PATH (the one place a cluster names its shared storage), else
     ~/ray_results."""
@@ -242,11 +251,7 @@ class TrainConfig:
             raise UserError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         _check_positive(self, "n_head", "n_embd", "block_size", "batch_size", "max_steps")
         _check_positive(self, "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
-        if not 0 <= self.rung_cooldown <= 1:
-            raise UserError(
-                f"rung_cooldown={self.rung_cooldown} must be between 0 (off) and 1 (a cooldown "
-                "as long as the steps so far)"
-            )
+        check_rung_cooldown(self.rung_cooldown)
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise UserError(
                 f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}"

@@ -59,7 +59,7 @@ from raygpt.evals.during_training import HellaSwagProbe
 from raygpt.lr_schedule import lr_at
 from raygpt.model import GPT, GPTConfig
 from raygpt.optim import build_optimizer, set_lr, set_optimizer_mode
-from raygpt.prefetch import BatchPrefetcher
+from raygpt.prefetch import BatchPrefetcher, to_device
 from raygpt.runtime import Runtime, cpu_threads_available
 from raygpt.step_stats import StepStats
 from raygpt.storage import Storage
@@ -352,14 +352,9 @@ def _train(config: dict[str, Any], after_report: Callable[[], None] | None = Non
 
     prefetcher = BatchPrefetcher(micro_batches, device, cfg.max_steps)
 
-    def cooldown_step(s: int, lr: float) -> None:
-        """One step of a rung cooldown's copy (rung_cooldown.py), on step s's batches."""
-        torch.manual_seed(step_seed(cfg.seed, rank, s))
-        batches = [
-            (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            for x, y in micro_batches(s)
-        ]
-        train_step(
+    def update(batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """One optimizer update on these micro-batches: (loss, grad norm) on the device."""
+        return train_step(
             train_model,
             parameters,
             optimizer,
@@ -369,6 +364,11 @@ def _train(config: dict[str, Any], after_report: Callable[[], None] | None = Non
             cfg.grad_clip,
             no_sync=ddp.no_sync if ddp is not None else None,
         )
+
+    def cooldown_step(s: int, lr: float) -> None:
+        """One step of a rung cooldown's copy (rung_cooldown.py), on step s's batches."""
+        torch.manual_seed(step_seed(cfg.seed, rank, s))
+        update(to_device(micro_batches(s), device))
 
     stats = StepStats(device, world_size)
 
@@ -418,16 +418,7 @@ def _train(config: dict[str, Any], after_report: Callable[[], None] | None = Non
             batches = prefetcher.get(step)
             stats.start_step()
             timeline.setdefault("first_step_at", time.time())
-            loss, grad_norm = train_step(
-                train_model,
-                parameters,
-                optimizer,
-                scaler,
-                batches,
-                runtime.autocast,
-                cfg.grad_clip,
-                no_sync=ddp.no_sync if ddp is not None else None,
-            )
+            loss, grad_norm = update(batches)
             step += 1
             stats.end_step(step, loss, grad_norm)
 

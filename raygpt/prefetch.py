@@ -17,6 +17,11 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
+    """Micro-batches onto the device; non_blocking pays off for pinned host memory."""
+    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+
+
 class BatchPrefetcher:
     """`get(step)` returns that step's micro-batches on the device.
 
@@ -52,10 +57,7 @@ class BatchPrefetcher:
             self._ahead = (
                 (nxt, self._pool.submit(self._build, nxt)) if nxt < self.last_step else None
             )
-        return [
-            (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            for x, y in host
-        ]
+        return to_device(host, self.device)
 
     def close(self) -> None:
         if self._pool is not None:

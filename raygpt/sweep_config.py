@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raygpt.config import OPTIMIZERS, TrainConfig, default_storage_path, merge, read_toml
+from raygpt.config import (
+    OPTIMIZERS,
+    TrainConfig,
+    check_rung_cooldown,
+    default_storage_path,
+    merge,
+    read_toml,
+)
 from raygpt.errors import UserError
 
 PRESET = Path(__file__).parent / "presets" / "sweep.toml"
@@ -153,11 +160,7 @@ class SweepConfig:
             math.isfinite(self.target_loss) and self.target_loss > 0
         ):
             raise UserError(f"target_loss={self.target_loss} must be a positive number")
-        if not 0 <= self.rung_cooldown <= 1:
-            raise UserError(
-                f"rung_cooldown={self.rung_cooldown} must be between 0 (off) and 1 (a cooldown "
-                "as long as the steps so far)"
-            )
+        check_rung_cooldown(self.rung_cooldown)
         if self.rank_by not in RANK_BY:
             raise UserError(f"unknown rank_by {self.rank_by!r}; choose {', '.join(RANK_BY)}")
         if self.rank_by == "hellaswag_acc_norm" and not train.hellaswag_every:

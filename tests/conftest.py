@@ -38,6 +38,23 @@ def storage(tmp_path) -> Path:
     return path
 
 
+# A 12-step run in this process (no Ray cluster): the cheapest real raygpt.train run.
+TINY_IN_PROCESS = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    block_size=16,
+    batch_size=4,
+    max_steps=12,
+    lr_decay_steps=12,
+    warmup_steps=2,
+    eval_interval=6,
+    eval_iters=2,
+    log_interval=6,
+    in_process="true",
+)
+
+
 def tiny_config(storage: Path, **overrides):
     """A model small enough that a Ray run takes seconds on 2 cores."""
     from raygpt.config import TrainConfig

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from conftest import REPO, step_rows, tiny_config
+from conftest import TINY_IN_PROCESS as TINY
 from test_evals import ITEMS, write_jsonl
 
 from raygpt import report, train, trained
@@ -21,20 +22,6 @@ from raygpt.model import GPT, GPTConfig
 from raygpt.model_summary import format_table, parameter_rows
 
 SEPARATOR = "---------------"
-TINY = dict(
-    n_layer=1,
-    n_head=2,
-    n_embd=32,
-    block_size=16,
-    batch_size=4,
-    max_steps=12,
-    lr_decay_steps=12,
-    warmup_steps=2,
-    eval_interval=6,
-    eval_iters=2,
-    log_interval=6,
-    in_process="true",
-)
 SAMPLE_TOKENS = 24
 
 

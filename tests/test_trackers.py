@@ -13,25 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, step_rows, tiny_config
+from conftest import TINY_IN_PROCESS as TINY
 
 from raygpt import trackers, train
 from raygpt.config import load_train_config
 from raygpt.errors import UserError
-
-TINY = dict(
-    n_layer=1,
-    n_head=2,
-    n_embd=32,
-    block_size=16,
-    batch_size=4,
-    max_steps=12,
-    lr_decay_steps=12,
-    warmup_steps=2,
-    eval_interval=6,
-    eval_iters=2,
-    log_interval=6,
-    in_process="true",
-)
 
 
 @pytest.fixture(scope="module")
