@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raygpt-installed
 
-.PHONY: setup demo train test lint format bench clean
+.PHONY: setup demo train test test-fast lint format bench clean
 
 # torch==2.13.0 goes in first and alone: the package's own `torch>=2.4` is then
 # already satisfied, so pip never pulls the multi-GB CUDA wheels on a CPU box.
@@ -25,8 +25,14 @@ demo: setup
 train: setup
 	$(BIN)/python -m raygpt.train experiments/pydocs_char_cpu.toml --overwrite
 
-test: setup
-	$(BIN)/python -m pytest -q --durations=15
+# tests/unit/ starts no Ray, so it runs on both cores at once (a file to a core, so a
+# file's fixtures are built once); tests/cluster/ holds Ray clusters, one at a time.
+test: test-fast
+	$(BIN)/python -m pytest -q --durations=15 tests/cluster tests/gpu
+
+# The tests that start no Ray (tests/unit/), for the edit-test loop.
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests/unit
 
 lint: setup
 	$(BIN)/ruff check raygpt tests benchmarks

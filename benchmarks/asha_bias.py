@@ -7,7 +7,8 @@
     python benchmarks/asha_bias.py ~/ray_results/asha-bias [--reduction-factor 3]
 
 The grid runs every learning rate to max_steps (FIFO), so its final val is the ground
-truth. At each ASHA rung the trials also evaluated a cooled-down copy (rung_cooldown.py).
+truth. FIFO with --grace-steps still has ASHA's rungs (grace x reduction_factor^k), and
+at each the trials also evaluate a cooled-down copy (rung_cooldown.py) without stopping.
 For each rung this prints the ranking ASHA would see before (plain val: what it ranks
 without cooldowns) and after (the cooled copy's val), against the final ranking:
 - whether the grid's winner survives the rung (top 1/reduction_factor kept, as ASHA does),
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from scipy import stats
 
-from raygpt import report
+from raygpt.errors import UserError
+from raygpt.report import tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--reduction-factor", type=int, default=3)
     args = parser.parse_args(argv)
-    trials, steps, _ = report.load(args.sweep_dir)
-    rows = steps.to_pylist()
+    try:
+        trials, steps, _ = tables.load(args.sweep_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = steps.to_pylist() if steps is not None else []
     lrs = {t["trial_id"]: t["learning_rate"] for t in trials.to_pylist()}
+    rungs = sorted({r["step"] for r in rows if r["cooled_val_loss"] is not None})
+    problem = None
+    if len(lrs) < 2:
+        problem = f"holds {len(lrs)} trial(s); a ranking needs two or more learning rates"
+    elif not rungs:
+        problem = "holds no cooled val at any rung (a sweep without rung cooldowns)"
+    if problem:
+        print(
+            f"error: {args.sweep_dir} {problem}; run the grid in this script's docstring "
+            "(FIFO with --grace-steps and --rung-cooldown)",
+            file=sys.stderr,
+        )
+        return 2
     final_step = max(r["step"] for r in rows)
     final = {r["trial_id"]: r["val_loss"] for r in rows if r["step"] == final_step}
-    rungs = sorted({r["step"] for r in rows if r["cooled_val_loss"] is not None})
     order = sorted(final, key=final.get)
     winner = order[0]
     out = {

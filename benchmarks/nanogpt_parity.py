@@ -20,9 +20,9 @@ Checks (all in-process, no Ray, `--threads` torch threads, default 1):
             model, configure_optimizers, get_lr); --swap model,optim,lr gives side B
             raygpt's component instead, one at a time, to pinpoint any divergence.
   train     full training runs, --runner nanogpt (a faithful in-process replica of
-            nanoGPT's train.py: the global torch RNG drives init, train windows and
-            the 20-batch evals at every eval_interval, in train.py's order, so its
-            printed val estimate reproduces `python train.py ...` on the same torch)
+            nanoGPT's train_driver.py: the global torch RNG drives init, train windows and
+            the 20-batch evals at every eval_interval, in train_driver.py's order, so its
+            printed val estimate reproduces `python train_driver.py ...` on the same torch)
             and/or --runner raygpt (the real `raygpt.train` run, in this process
             through Ray Train's local mode, scored from its final checkpoint; with
             --model, --sampler or --trace, the plain replica loop of
@@ -31,9 +31,9 @@ Checks (all in-process, no Ray, `--threads` torch threads, default 1):
             0/16/32/48), `rand20` (nanoGPT's estimator: 20 random batches; mean and
             std over --repeats draws) and, for the raygpt runner, raygpt's eval set.
             (The nanoGPT runner also estimates at --stop-at/max_steps when that is
-            not a multiple of eval_interval; train.py would not.)
+            not a multiple of eval_interval; train_driver.py would not.)
   replay    one trained model (--checkpoint: nanoGPT's ckpt.pt, or a file from
-            train --save-dir) scored on exactly the val windows that train.py's
+            train --save-dir) scored on exactly the val windows that train_driver.py's
             final eval draws for --seeds, vs --null-seeds other seeds and the whole
             split: is a low printed val loss a better model or a lucky draw?
 
@@ -73,7 +73,8 @@ sys.path.insert(0, str(REPO))  # raygpt, when run from a checkout without instal
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # val_loss_spread, beside this file
 
 DEFAULT_EXPERIMENT = REPO / "experiments" / "shakespeare_char_cpu.toml"
-DEFAULT_NANOGPT = Path("/work/shared/reference/nanoGPT")
+# shared/ sits beside the checkout (../shared), here and in CI.
+DEFAULT_NANOGPT = REPO.parent / "shared" / "reference" / "nanoGPT"
 CHECKS = ("data", "init", "optim", "sampler", "lockstep", "train", "replay")
 RUNNERS = ("nanogpt", "raygpt")
 SWAPPABLE = ("model", "optim", "lr")
@@ -105,8 +106,9 @@ class Ctx:
     """The run config, the prepared dataset and nanoGPT's model module."""
 
     def __init__(self, args: argparse.Namespace, seed: int | None = None):
-        from raygpt import data
-        from raygpt.config import load_train_config
+        from raygpt.config.train import load_train_config
+        from raygpt.data import prepare
+        from raygpt.data import sampler as data_sampler
 
         flags: dict[str, Any] = {}
         if args.data_file:
@@ -118,11 +120,11 @@ class Ctx:
         if args.max_steps:
             flags |= {"max_steps": args.max_steps, "lr_decay_steps": args.max_steps}
         self.cfg = load_train_config(args.experiment, flags)
-        self.dataset_dir, self.meta = data.prepare_from_config(self.cfg)
+        self.dataset_dir, self.meta = prepare.prepare_from_config(self.cfg)
         self.vocab_size = self.meta["vocab_size"]
         dtype = self.meta["dtype"]
-        self.train = np.asarray(data.read_tokens(self.dataset_dir, "train"), dtype=dtype)
-        self.val = np.asarray(data.read_tokens(self.dataset_dir, "val"), dtype=dtype)
+        self.train = np.asarray(data_sampler.read_tokens(self.dataset_dir, "train"), dtype=dtype)
+        self.val = np.asarray(data_sampler.read_tokens(self.dataset_dir, "val"), dtype=dtype)
         self.ng = load_nanogpt_model(args.nanogpt)
 
     def nanogpt_config(self):
@@ -139,19 +141,19 @@ class Ctx:
 
     def build(self, kind: str, seed: int | None = None) -> torch.nn.Module:
         """A fresh model of `kind` (raygpt | nanogpt); seeded first when seed is given."""
-        from raygpt import loop
+        from raygpt.model import init_from
 
         if seed is not None:
             torch.manual_seed(seed)
         if kind == "raygpt":
-            return loop.build_model(self.cfg, self.vocab_size)
+            return init_from.build_model(self.cfg, self.vocab_size)
         return quiet(self.ng.GPT, self.nanogpt_config())
 
     def optimizer(self, kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         """raygpt's build_optimizer(configure_param_groups) or nanoGPT's configure_optimizers
         (called unbound, so it works on either model: it only reads named_parameters)."""
-        from raygpt.model import GPT
-        from raygpt.optim import build_optimizer
+        from raygpt.model.gpt import GPT
+        from raygpt.train.optim import build_optimizer
 
         c = self.cfg
         if kind == "raygpt":  # unbound as well: it only reads parameters()
@@ -166,13 +168,13 @@ class Ctx:
         )
 
     def lr(self, kind: str, step: int) -> float:
-        from raygpt.optim import lr_at
+        from raygpt.train.lr_schedule import lr_at
 
         return lr_at(step, self.cfg) if kind == "raygpt" else nanogpt_get_lr(step, self.cfg)
 
 
 def nanogpt_get_lr(it: int, cfg) -> float:
-    """nanoGPT train.py's get_lr, verbatim, with its globals taken from the raygpt config."""
+    """nanoGPT train_driver.py's get_lr, verbatim, with its globals taken from the raygpt config."""
     learning_rate, warmup_iters = cfg.learning_rate, cfg.warmup_steps
     lr_decay_iters, min_lr = cfg.resolved_lr_decay_steps, cfg.resolved_min_lr
     if it < warmup_iters:
@@ -337,11 +339,11 @@ def check_optim(ctx: Ctx, args) -> dict:
 
 def check_sampler(ctx: Ctx, args) -> dict:
     """Item 5: how many distinct windows each sampler serves in a run."""
-    from raygpt import data
+    from raygpt.data import sampler as data_sampler
 
     cfg = ctx.cfg
     B, T, steps = cfg.batch_size, cfg.block_size, cfg.max_steps
-    sampler = data.BatchSampler(ctx.dataset_dir, "train", T, cfg.seed)
+    sampler = data_sampler.BatchSampler(ctx.dataset_dir, "train", T, cfg.seed)
     starts_r = np.concatenate([sampler.sample_indices(s, 0, 0, B, 1, 1) for s in range(steps)])
     gen = torch.Generator().manual_seed(cfg.seed)
     starts_n = torch.randint(len(ctx.train) - T, (steps * B,), generator=gen).numpy()
@@ -388,9 +390,9 @@ def check_lockstep(ctx: Ctx, args) -> dict:
     b = ctx.build(side_b["model"], cfg.seed)
     b.load_state_dict(a.state_dict())  # identical start whatever the init code did
     oa, ob = ctx.optimizer("raygpt", a), ctx.optimizer(side_b["optim"], b)
-    from raygpt import data
+    from raygpt.data import sampler as data_sampler
 
-    sampler = data.BatchSampler(ctx.dataset_dir, "train", cfg.block_size, cfg.seed)
+    sampler = data_sampler.BatchSampler(ctx.dataset_dir, "train", cfg.block_size, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     print(
         f"== lockstep {args.steps} steps, batches from {args.batches}; side A all raygpt, side B"
@@ -442,12 +444,12 @@ def check_lockstep(ctx: Ctx, args) -> dict:
 
 
 def train_nanogpt(ctx: Ctx, model_kind: str, args) -> dict:
-    """nanoGPT's train.py loop (single process, CPU, no compile, float32), in its order.
+    """nanoGPT's train_driver.py loop (single process, CPU, no compile, float32), in its order.
 
     torch.manual_seed(seed); model; optimizer; X, Y = get_batch('train'); then per iter:
     lr; every eval_interval estimate_loss() (train then val, eval_iters random batches
     each, from the same global RNG); forward; prefetch the next batch; backward; clip;
-    step. The val estimate at iter max_iters is the number train.py prints last.
+    step. The val estimate at iter max_iters is the number train_driver.py prints last.
     """
     cfg = ctx.cfg
     T, B = cfg.block_size, cfg.batch_size
@@ -481,11 +483,11 @@ def train_nanogpt(ctx: Ctx, model_kind: str, args) -> dict:
         lr = nanogpt_get_lr(it, cfg) if cfg.decay_lr else cfg.learning_rate
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if it % cfg.eval_interval == 0 or it == stop:  # train.py: only the former
+        if it % cfg.eval_interval == 0 or it == stop:  # train_driver.py: only the former
             evals[it] = estimate_loss()
             print(f"  [nanogpt/{model_kind} seed {cfg.seed}] step {it}: {evals[it]}", flush=True)
         if it == stop:
-            break  # train.py does one more update here; it changes nothing it reports
+            break  # train_driver.py does one more update here; it changes nothing it reports
         _, loss = model(X, Y)
         X, Y = get_batch("train")
         loss.backward()
@@ -511,7 +513,8 @@ def train_raygpt_cli(ctx: Ctx, args) -> dict:
     import shutil
     import tempfile
 
-    from raygpt import checkpoint, train
+    from raygpt import checkpoint
+    from raygpt.train import driver as train_driver
 
     storage = tempfile.mkdtemp(prefix="raygpt-parity-")
     try:
@@ -524,7 +527,7 @@ def train_raygpt_cli(ctx: Ctx, args) -> dict:
             max_steps=args.stop_at or ctx.cfg.max_steps,
         )
         started = time.perf_counter()
-        summary = quiet(train.run, cfg)
+        summary = quiet(train_driver.run, cfg)
         seconds = time.perf_counter() - started
         state = checkpoint.load(checkpoint.latest_in_run(f"{storage}/{cfg.name}"))
         model = ctx.build("raygpt")
@@ -539,12 +542,12 @@ def train_raygpt(ctx: Ctx, model_kind: str, args) -> dict:
     """raygpt's loop on one rank without Ray (as val_loss_spread.py / train_vs_plain.py)."""
     if model_kind == "raygpt" and args.sampler == "raygpt" and not args.trace:
         return train_raygpt_cli(ctx, args)
-    from raygpt import data
+    from raygpt.data import sampler as data_sampler
 
     cfg = ctx.cfg
     model = ctx.build(model_kind, cfg.seed)
     optimizer = ctx.optimizer("raygpt", model)
-    sampler = data.BatchSampler(ctx.dataset_dir, "train", cfg.block_size, cfg.seed)
+    sampler = data_sampler.BatchSampler(ctx.dataset_dir, "train", cfg.block_size, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     accum = cfg.grad_accum_steps(1)
     B, T = cfg.batch_size, cfg.block_size
@@ -568,7 +571,7 @@ def train_raygpt(ctx: Ctx, model_kind: str, args) -> dict:
             print(f"  [raygpt/{model_kind} seed {cfg.seed}] step {step + 1}", flush=True)
         if args.trace and step < args.trace:
             print(f"  step {step}: loss {loss.item():.4f}")
-    val_sampler = data.BatchSampler(ctx.dataset_dir, "val", T, cfg.seed)
+    val_sampler = data_sampler.BatchSampler(ctx.dataset_dir, "val", T, cfg.seed)
     model.eval()
     with torch.no_grad():
         fixed = val_sampler.eval_batches(cfg.eval_iters, B, 0, 1)
@@ -638,7 +641,7 @@ def check_train(ctx_factory, args) -> dict:
 
 
 def nanogpt_eval_windows(ctx: Ctx, seed: int, at_step: int) -> np.ndarray:
-    """The val window starts nanoGPT's train.py draws for its eval at iter `at_step`
+    """The val window starts nanoGPT's train_driver.py draws for its eval at iter `at_step`
     (a multiple of eval_interval) with torch.manual_seed(seed): the global RNG replayed
     through model init, the first batch, one batch per iter and the earlier evals."""
     cfg = ctx.cfg

@@ -1,14 +1,15 @@
 """Prepare throughput and memory: raygpt's Ray Data pipeline vs nanoGPT's approach.
 
     python benchmarks/prepare_throughput.py [--gb 2.0] [--work DIR] [--merges 50000]
-        [--runs raygpt-1,raygpt-2,nanogpt-2] [--json OUT]
+        [--runs raygpt-1,raygpt-2,nanogpt-2] [--address local] [--tiny] [--json OUT]
 
 One generated corpus (Parquet, a `text` column, ~4 KB documents), one BPE encoding,
 three whole commands, each in a fresh process, side by side in one run:
 
 * ``raygpt-1`` / ``raygpt-2``: ``raygpt.data.prepare_corpus`` with 1 and 2 workers
   (CPUs), on a private Ray cluster the command starts itself, as
-  ``python -m raygpt.data prepare --input ... --address local`` does.
+  ``python -m raygpt.data prepare --input ... --address local`` does (``--address``
+  names a running cluster instead: then its start-up and daemons are not measured).
 * ``nanogpt-2``: nanoGPT's data/openwebtext/prepare.py, restated here (Hugging Face
   ``datasets``: ``load_dataset``, ``train_test_split``, ``.map(num_proc=2)`` with
   ``encode_ordinary`` + <|endoftext|> per document, then everything written into
@@ -27,12 +28,18 @@ does not inflate. Memory is sampled every 0.25 s over that process tree (Ray's d
 and workers, datasets' pool): the peak of the summed PSS (shared pages counted once)
 and of the summed RSS. Both sides' workers run at nice 0 (Ray's default is 15).
 
+``--tiny`` (a smoke run, no figure): row groups of TINY_DOCS_PER_ROW_GROUP documents, so
+``--gb`` can be a few MB, the BPE trained on the first TINY_BPE_PARAGRAPHS paragraphs,
+and val fraction TINY_VAL_FRACTION on both sides (a few hundred documents would leave
+nanoGPT's 0.0005 an empty val split).
+
 Needs ``pip install 'raygpt[corpora]'`` (datasets) besides the dev extras (tokenizers).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -43,19 +50,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # used if present
 VAL_FRACTION = 0.0005  # nanoGPT's test_size
 DOCS_PER_ROW_GROUP = 8192
+TINY_DOCS_PER_ROW_GROUP = 64
+TINY_BPE_PARAGRAPHS = 2000
+TINY_VAL_FRACTION = 0.05
 
 
 # --------------------------------------------------------------------------- corpus
 
 
+@functools.cache
 def paragraphs() -> list[str]:
     """Text available offline, split at blank lines: the standard library's docstrings
     and source, Tiny Shakespeare (if present), the system's licence texts."""
     sys.path.insert(0, str(REPO))
-    from raygpt.data import pydocs_documents, pydocs_files
+    from raygpt.data.sources import pydocs_documents, pydocs_files
 
     texts = list(pydocs_documents())
     for path in pydocs_files():
@@ -70,15 +81,23 @@ def paragraphs() -> list[str]:
     return [t.strip() for t in texts if len(t.strip()) > 20]
 
 
-def build_corpus(folder: Path, gb: float, seed: int = 0) -> dict:
-    """~`gb` GB of text as Parquet files of ~256 MB of text each (cached in `folder`)."""
+def build_corpus(
+    folder: Path, gb: float, seed: int = 0, docs_per_row_group: int = DOCS_PER_ROW_GROUP
+) -> dict:
+    """~`gb` GB of text as Parquet files of ~256 MB of text each (cached in `folder`),
+    written in row groups of `docs_per_row_group` documents until the text reaches `gb`."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     done = folder / "corpus.json"
-    if done.is_file() and json.loads(done.read_text())["gb"] == gb:
-        return json.loads(done.read_text())
+    if done.is_file():
+        cached = json.loads(done.read_text())
+        if (cached["gb"], cached.get("docs_per_row_group", DOCS_PER_ROW_GROUP)) == (
+            gb,
+            docs_per_row_group,
+        ):
+            return cached
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.parquet"):
         old.unlink()
@@ -92,7 +111,7 @@ def build_corpus(folder: Path, gb: float, seed: int = 0) -> dict:
                 folder / f"part-{part:03d}.parquet", pa.schema([("text", pa.string())])
             )
             in_part = 0
-        counts = rng.integers(2, 41, DOCS_PER_ROW_GROUP)  # paragraphs per document
+        counts = rng.integers(2, 41, docs_per_row_group)  # paragraphs per document
         picks = rng.integers(0, len(pool), int(counts.sum())).tolist()
         ends = np.cumsum(counts).tolist()
         batch = [
@@ -109,6 +128,7 @@ def build_corpus(folder: Path, gb: float, seed: int = 0) -> dict:
         writer.close()
     info = {
         "gb": gb,
+        "docs_per_row_group": docs_per_row_group,
         "text_bytes": written,
         "documents": docs,
         "files": sorted(str(p) for p in folder.glob("*.parquet")),
@@ -122,8 +142,9 @@ def build_corpus(folder: Path, gb: float, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- encoding
 
 
-def build_encoding(path: Path, merges: int) -> dict:
-    """A GPT-2-shaped tiktoken encoding, saved as JSON (raygpt's encoding_to_json)."""
+def build_encoding(path: Path, merges: int, max_paragraphs: int | None = None) -> dict:
+    """A GPT-2-shaped tiktoken encoding, saved as JSON (raygpt's encoding_to_json),
+    trained on the first `max_paragraphs` paragraphs (default: all)."""
     if path.is_file():
         return json.loads(path.read_text())["about"]
     sys.path.insert(0, str(REPO))
@@ -143,7 +164,8 @@ def build_encoding(path: Path, merges: int) -> dict:
         show_progress=False,
     )
     started = time.perf_counter()
-    tok.train_from_iterator(paragraphs(), trainer)
+    texts = paragraphs()[:max_paragraphs]
+    tok.train_from_iterator(texts, trainer)
     learned = json.loads(tok.to_str())["model"]["merges"]
     # Byte-level BPE writes bytes as printable characters (GPT-2's bytes_to_unicode).
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -168,7 +190,7 @@ def build_encoding(path: Path, merges: int) -> dict:
     about = {
         "merges": len(ranks) - 256,
         "vocab_size": enc.n_vocab,
-        "trained_on_paragraphs": len(paragraphs()),
+        "trained_on_paragraphs": len(texts),
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     path.write_text(json.dumps({**encoding_to_json(enc), "about": about}))
@@ -180,14 +202,14 @@ def build_encoding(path: Path, merges: int) -> dict:
 RAYGPT = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from raygpt import data
+from raygpt.data import corpus as data_corpus, manifest
 from raygpt.data.tokenizers import encoding_from_json
 spec = json.load(open({encoding!r}))
 spec.pop("about")
 enc = encoding_from_json(spec)
-out = data.prepare_corpus({files!r}, {out!r}, name="bench", encoding=enc, workers={workers},
-                          val_fraction={val}, address="local")
-meta = data.load_meta(out, verify=False)
+out = data_corpus.prepare_corpus({files!r}, {out!r}, name="bench", encoding=enc, workers={workers},
+                          val_fraction={val}, address={address!r})
+meta = manifest.load_meta(out, verify=False)
 print("RESULT", json.dumps({{"tokens": meta["train_tokens"] + meta["val_tokens"]}}))
 """
 
@@ -309,18 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--merges", type=int, default=50_000)
     parser.add_argument("--runs", default="raygpt-1,raygpt-2,nanogpt-2")
+    parser.add_argument(
+        "--address", default="local", help="raygpt's Ray cluster (default: a private one each run)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="small row groups and BPE training (a smoke run)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="raygpt-prepare-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    corpus = build_corpus(work / "corpus", args.gb)
+    group = TINY_DOCS_PER_ROW_GROUP if args.tiny else DOCS_PER_ROW_GROUP
+    corpus = build_corpus(work / "corpus", args.gb, docs_per_row_group=group)
     print(f"corpus: {corpus['text_bytes'] / 1e9:.2f} GB of text, {corpus['documents']:,} "
           f"documents, {len(corpus['files'])} Parquet files ({corpus['disk_bytes'] / 1e9:.2f} GB "
           f"on disk) [{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
-    encoding = work / f"encoding-{args.merges}.json"
-    about = build_encoding(encoding, args.merges)
+    encoding = work / f"encoding-{args.merges}{'-tiny' if args.tiny else ''}.json"
+    about = build_encoding(encoding, args.merges, TINY_BPE_PARAGRAPHS if args.tiny else None)
     print(f"encoding: {about}", flush=True)
 
     results = {}
@@ -332,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True)
         template = {"raygpt": RAYGPT, "nanogpt": NANOGPT}[kind]
         code = template.format(repo=str(REPO), encoding=str(encoding), files=corpus["files"],
-                               out=str(out), workers=int(workers), val=VAL_FRACTION)  # fmt: skip
+                               out=str(out), workers=int(workers),
+                               val=TINY_VAL_FRACTION if args.tiny else VAL_FRACTION,
+                               address=args.address)  # fmt: skip
         # Ray runs its workers at nice 15; at 0, like datasets' pool, neither side yields
         # more to whatever else runs on the machine.
         env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-cache" / run),

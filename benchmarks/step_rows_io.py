@@ -13,7 +13,7 @@ before: the code of commit 74685ec, loaded from git history (`git show`), so the
         TensorBoard, at every report. Measured: the driver's CPU seconds (tail,
         merge, Parquet rewrite, TensorBoard) and, apart, rank 0's appends.
 after:  rank 0 writes each report's rows as one Parquet part and one TensorBoard
-        event file (results.write_step_part / write_tensorboard_part); the driver
+        event file (results.write_step_part / train.tensorboard.write_part); the driver
         writes no step row at all. Measured: rank 0's CPU seconds, on a local
         folder and on an S3-compatible server (moto's, on 127.0.0.1), and the
         driver's one read of all parts at the end (what the sweep callback does
@@ -103,6 +103,7 @@ def before(all_rows: list[dict[str, Any]], every: int) -> dict[str, float]:
 
 def after(all_rows: list[dict[str, Any]], every: int, uri: str) -> dict[str, float]:
     from raygpt import results, storage
+    from raygpt.train import tensorboard
 
     store = storage.resolve(uri)
     run_path = store.path("bench")
@@ -112,7 +113,7 @@ def after(all_rows: list[dict[str, Any]], every: int, uri: str) -> dict[str, flo
     for chunk in chunks(all_rows, every):
         t = time.process_time()
         results.write_step_part(store, run_path, chunk, metadata)
-        results.write_tensorboard_part(store, f"{run_path}/tensorboard", chunk)
+        tensorboard.write_part(store, f"{run_path}/tensorboard", chunk)
         rank0 += time.process_time() - t
     wall_s = time.perf_counter() - wall
     t = time.process_time()

@@ -11,8 +11,7 @@ Figures:
   timeline columns (overhead_seconds: start of the trial's process to its first step,
   plus last step to teardown); for a folder written before those columns existed,
   wall_seconds - train_seconds (which also counts evaluations, so it errs high).
-- ratio: the sweep's wall time over (summed step time / concurrency), the issue's
-  measure of how close a sweep comes to spending its cores on training steps alone.
+- ratio: the sweep's wall time over (summed step time / concurrency): a measure of how close a sweep comes to spending its cores on training steps alone.
 """
 
 from __future__ import annotations

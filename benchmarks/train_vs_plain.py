@@ -1,20 +1,24 @@
 """Ray Train vs a plain PyTorch loop: same model, same batches, same threads.
 
     python benchmarks/train_vs_plain.py [EXPERIMENT] [--data-file PATH] [--max-steps N]
-        [--cpus-per-worker N] [--json OUT]
+        [--cpus-per-worker N] [--in-process false|true|auto] [--json OUT]
 
-The issue's speed check: `python -m raygpt.train experiments/shakespeare_char_cpu.toml
+The speed check: `python -m raygpt.train experiments/shakespeare_char_cpu.toml
 --data-file .../tinyshakespeare.txt` with one worker should reach val loss <= 1.89 at
 step 2000 with a training wall time within 1.25x of a plain in-process loop over the
 same model and batches, Ray's start-up reported separately.
 
-(a) The plain loop mirrors `raygpt.loop.train_loop_per_worker` on one rank: the same
-    TrainConfig, init (`torch.manual_seed(cfg.seed)` then `loop.build_model`),
+(a) The plain loop mirrors `raygpt.train.loop.train_loop_per_worker` on one rank: the same
+    TrainConfig, init (`torch.manual_seed(cfg.seed)` then `model.init_from.build_model`),
     optimizer, lr schedule, batches (`BatchSampler.get_batch(step, 0, micro, B, 1,
     accum)`), gradient clipping, the per-step `.item()` reads, and evaluations of val
     and train at the same steps over the same fixed eval batches. No Ray, no reports,
     no checkpoints.
-(b) `raygpt.train.run(cfg)` under a fresh name in a temporary storage path.
+(b) `raygpt.train.driver.run(cfg)` under a fresh name in a temporary storage path, as a
+    worker group of one (`--in-process false`, the default: Ray Train proper, with its
+    cluster start-up reported apart), or in this process through Ray Train's local mode
+    (`--in-process true`; `auto` is what `python -m raygpt.train` picks). Its step times
+    come from the run's step rows (`results.read_steps`).
 
 Ray gives a worker OMP_NUM_THREADS = its CPU count, so the plain loop runs with
 `torch.set_num_threads(--cpus-per-worker)` and the Ray run gets the same
@@ -49,12 +53,14 @@ TARGET_RATIO = 1.25
 
 def plain_loop(cfg, threads: int) -> dict[str, Any]:
     """Train in this process exactly as one Ray worker would; return times and losses."""
-    from raygpt import data, loop
-    from raygpt.optim import build_optimizer, lr_at, set_lr
+    from raygpt.data import prepare, sampler
+    from raygpt.model import init_from
     from raygpt.runtime import resolve_dtype
+    from raygpt.train.lr_schedule import lr_at
+    from raygpt.train.optim import build_optimizer, set_lr
 
     torch.set_num_threads(threads)
-    data.prepare_from_config(cfg)  # cached before the clock starts, as train.run does
+    prepare.prepare_from_config(cfg)  # cached before the clock starts, as train_driver.run does
     started = time.perf_counter()
     device = torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -64,15 +70,15 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
         if dtype != torch.float32
         else contextlib.nullcontext()
     )
-    dataset_dir, meta = data.prepare_from_config(cfg)  # as the loop does
-    train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
-    val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
+    dataset_dir, meta = prepare.prepare_from_config(cfg)  # as the loop does
+    train_batches = sampler.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
+    val_batches = sampler.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     accum = cfg.grad_accum_steps(1)
     eval_sets = {
         "val": val_batches.eval_batches(cfg.eval_iters, cfg.batch_size, 0, 1),
         "train": train_batches.eval_batches(cfg.eval_iters, cfg.batch_size, 0, 1),
     }
-    model = loop.build_model(cfg, meta["vocab_size"]).to(device)
+    model = init_from.build_model(cfg, meta["vocab_size"]).to(device)
     optimizer = build_optimizer(model, cfg, device.type)
     train_model = torch.compile(model) if cfg.compile == "true" else model
 
@@ -138,13 +144,14 @@ def plain_loop(cfg, threads: int) -> dict[str, Any]:
 
 
 def ray_run(cfg) -> dict[str, Any]:
-    """`raygpt.train.run(cfg)` plus the in-loop step times from its steps.parquet."""
-    import pyarrow.parquet as pq
+    """`raygpt.train.run(cfg)` plus the in-loop step times from its step rows."""
+    from raygpt import results, storage
+    from raygpt.train import driver as train_driver
 
-    from raygpt import train
-
-    summary = train.run(cfg)
-    rows = pq.read_table(Path(summary["run_dir"]) / "steps.parquet").to_pylist()
+    summary = train_driver.run(cfg)
+    store = storage.resolve(summary["run_dir"], check=False)
+    table, _ = results.read_steps(store, store.root)
+    rows = table.to_pylist()
     step_ms = [r["step_time_ms"] for r in rows]
     summary["step_seconds_sum"] = sum(step_ms) / 1000
     summary["step_ms_median"] = statistics.median(step_ms)
@@ -202,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="Ray worker CPUs = torch threads of the plain loop (default 2)",
     )
+    p.add_argument(
+        "--in-process",
+        choices=("false", "true", "auto"),
+        default="false",
+        help="false (default): a one-worker Ray Train worker group; true: Ray Train's "
+        "local mode in this process; auto: as `python -m raygpt.train` decides",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
     p.add_argument(
         "--storage-path",
@@ -213,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raygpt.config import load_train_config
+    from raygpt.config.train import load_train_config
     from raygpt.errors import UserError
 
     args = build_parser().parse_args(argv)
@@ -226,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     flags: dict[str, Any] = {
         "num_workers": 1,
         "cpus_per_worker": args.cpus_per_worker,
+        "in_process": args.in_process,
         "storage_path": str(storage),
         "name": f"train-vs-plain-{uuid.uuid4().hex[:8]}",
     }
     if args.data_file is not None:
         # Absolute: Ray Train workers run in another working directory, where a relative
-        # path (the issue's ../shared/data/...) does not exist.
+        # path (../shared/data/...) does not exist.
         flags["data_file"] = str(Path(args.data_file).expanduser().resolve())
     if args.max_steps is not None:
         flags["max_steps"] = args.max_steps

@@ -14,7 +14,7 @@ reports, for the final model:
 - `random x20`: nanoGPT's estimator, 20 batches of random windows, mean and standard
   deviation over 10 repeats.
 
-Samplers: `raygpt` (data.BatchSampler: per-epoch permutations of shifted,
+Samplers: `raygpt` (data_sampler.BatchSampler: per-epoch permutations of shifted,
 non-overlapping windows) and `random` (nanoGPT's `torch.randint` window starts).
 """
 
@@ -60,16 +60,19 @@ def whole_split_loss(model, tokens: np.ndarray, block_size: int, offsets=(0, 16,
 
 
 def train_once(cfg, sampler: str, threads: int) -> dict:
-    from raygpt import data, loop
-    from raygpt.optim import build_optimizer, lr_at, set_lr
+    from raygpt.data import prepare
+    from raygpt.data import sampler as data_sampler
+    from raygpt.model import init_from
+    from raygpt.train.lr_schedule import lr_at
+    from raygpt.train.optim import build_optimizer, set_lr
 
     torch.set_num_threads(threads)
-    dataset_dir, meta = data.prepare_from_config(cfg)
+    dataset_dir, meta = prepare.prepare_from_config(cfg)
     torch.manual_seed(cfg.seed)
-    model = loop.build_model(cfg, meta["vocab_size"])
+    model = init_from.build_model(cfg, meta["vocab_size"])
     optimizer = build_optimizer(model, cfg, "cpu")
-    train_batches = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
-    val_batches = data.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
+    train_batches = data_sampler.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
+    val_batches = data_sampler.BatchSampler(dataset_dir, "val", cfg.block_size, cfg.seed)
     train_tokens = np.asarray(train_batches.data)
     val_tokens = np.asarray(val_batches.data)
     window_rng = torch.Generator().manual_seed(cfg.seed)
@@ -120,7 +123,7 @@ def train_once(cfg, sampler: str, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raygpt.config import load_train_config
+    from raygpt.config.train import load_train_config
     from raygpt.errors import UserError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,7 @@
 """nanoGPT and raygpt side by side, as whole commands, on the same config and device.
 
     python benchmarks/vs_nanogpt.py cpu --data-file tinyshakespeare.txt [--max-steps 2000]
+        [--tiny]
     python benchmarks/vs_nanogpt.py gpu [--batch-size 12] [--max-batch]     (on a CUDA machine)
 
 nanoGPT's own scripts run from a copy of --nanogpt (default ../shared/reference/nanoGPT,
@@ -11,12 +12,16 @@ cpu: nanoGPT README's CPU command (`train.py config/train_shakespeare_char.py
      --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64
      --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
      --lr_decay_iters=2000 --dropout=0.0`) against `python -m raygpt.train
-     experiments/shakespeare_char_cpu.toml --data-file FILE` (the same recipe). Prints
-     both wall times (process start to exit, Ray's start-up included), their ratio
-     (target <= 1.10) and each one's reported val loss at the last step. Each
-     reports its own estimator (nanoGPT: 20 random batches; raygpt: a fixed set); to
-     compare model quality on one estimator over seeds, use
-     `benchmarks/nanogpt_parity.py train`.
+     experiments/shakespeare_char_cpu.toml --data-file FILE` (the same recipe), with
+     one change to nanoGPT's: its log_interval is raygpt's (the experiment's 50, not 1),
+     so both read the loss back and print a line equally often. --max-steps sets both
+     sides' max and lr-decay steps. raygpt runs with `--address local`: its one worker
+     in the command's own process (Ray Train's local mode), as on a laptop. Prints both
+     wall times (process start to exit, Ray's start-up included), their ratio (target
+     <= 1.10) and each one's reported val loss at the last step. Each reports its own
+     estimator (nanoGPT: 20 random batches; raygpt: a fixed set); to compare model
+     quality on one estimator over seeds, use `benchmarks/nanogpt_parity.py train`.
+     --tiny shrinks the model and the evals on both sides alike (a smoke run, no figure).
 gpu: GPT-2 124M, batch 12 x 1024, bf16 + compile: nanoGPT's bench.py (synthetic
      data) against `python -m raygpt.bench` on the same shapes, and, with --max-batch,
      the largest micro-batch that fits for raygpt. Prints tokens/s and MFU of each.
@@ -32,16 +37,32 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NANOGPT = REPO.parent / "shared" / "reference" / "nanoGPT"
+EXPERIMENT = REPO / "experiments" / "shakespeare_char_cpu.toml"
 TARGET_RATIO = 1.10
+# nanoGPT README's CPU command, on top of config/train_shakespeare_char.py; max_iters and
+# lr_decay_iters come from --max-steps, log_interval from raygpt's experiment.
 CPU_FLAGS = [
-    "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
-    "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-    "--lr_decay_iters=2000", "--dropout=0.0",
+    "--device=cpu", "--compile=False", "--eval_iters=20", "--block_size=64",
+    "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0",
 ]  # fmt: skip
+# --tiny, both sides (nanoGPT's names; raygpt's are the same with dashes, except those
+# in RAYGPT_NAMES): a model and evals small enough for a smoke test.
+TINY = {
+    "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 4,
+    "eval_interval": 5, "eval_iters": 2, "warmup_iters": 2,
+}  # fmt: skip
+RAYGPT_NAMES = {"warmup_iters": "warmup_steps"}
+
+
+def log_interval() -> int:
+    """raygpt's experiment's log_interval: what both sides log at."""
+    with EXPERIMENT.open("rb") as fh:
+        return int(tomllib.load(fh)["log_interval"])
 
 
 def nanogpt_copy(source: Path, data_file: Path | None) -> Path:
@@ -70,17 +91,26 @@ def cpu(args) -> dict:
     logs = Path(tempfile.mkdtemp(prefix="vs-nanogpt-"))
     work = nanogpt_copy(Path(args.nanogpt), Path(args.data_file))
     steps = args.max_steps
+    every = TINY["eval_interval"] if args.tiny else log_interval()
+    tiny = TINY if args.tiny else {}
     nano_wall, nano_out = timed(
         [sys.executable, "train.py", "config/train_shakespeare_char.py", *CPU_FLAGS,
-         f"--max_iters={steps}", f"--out_dir={logs / 'nanogpt-out'}"],
+         f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--log_interval={every}",
+         *(f"--{k}={v}" for k, v in tiny.items()), f"--out_dir={logs / 'nanogpt-out'}"],
         work, logs / "nanogpt.log",
     )  # fmt: skip
     evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", nano_out)
+    tiny_flags = [
+        part
+        for k, v in tiny.items()
+        for part in (f"--{RAYGPT_NAMES.get(k, k).replace('_', '-')}", str(v))
+    ]
     ray_wall, ray_out = timed(
-        [sys.executable, "-m", "raygpt.train", str(REPO / "experiments" / "shakespeare_char_cpu.toml"),
+        [sys.executable, "-m", "raygpt.train", str(EXPERIMENT),
          "--data-file", str(Path(args.data_file).resolve()), "--max-steps", str(steps),
-         "--lr-decay-steps", str(steps), "--storage-path", str(logs / "raygpt"),
-         "--name", "vs-nanogpt", "--address", "local"],
+         "--lr-decay-steps", str(steps), "--log-interval", str(every), *tiny_flags,
+         "--storage-path", str(logs / "raygpt"), "--name", "vs-nanogpt",
+         "--address", "local"],
         REPO, logs / "raygpt.log",
     )  # fmt: skip
     final = re.findall(r"done: step (\d+) val loss ([\d.]+)", ray_out)
@@ -148,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--max-batch", action="store_true")
+    parser.add_argument(
+        "--tiny", action="store_true", help="cpu: a tiny model and evals on both sides (smoke)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.mode == "cpu" and not args.data_file:

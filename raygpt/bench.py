@@ -1,13 +1,15 @@
 """`python -m raygpt.bench [EXPERIMENT.toml] [--key value ...]`: training-step throughput.
 
 nanoGPT's bench.py, in this process and without Ray: the model of a TrainConfig
-(`loop.build_model`, seeded like a run), batches from the configured dataset (or
+(`model.init_from.build_model`, seeded like a run), batches from the configured dataset (or
 random tokens with `--synthetic`), `--warmup-steps` untimed steps, then
 `--bench-steps` timed ones, each a full optimizer step of one worker
 (forward + backward over the gradient-accumulation micro-batches, clipping, the
-optimizer update), timed between device synchronisations. It prints the
-median step time, tokens/s and MFU (against `metrics.PEAK_TFLOPS` or
-`--peak-tflops`; n/a on CPU without it).
+optimizer update), timed as the training loop times them (step_stats.py): from
+the previous step's end to its own, host work in between included, with no
+synchronisation between steps. It prints the median step time, tokens/s and MFU
+(against `metrics.PEAK_TFLOPS` or `--peak-tflops`; n/a on CPU without it). The
+first step (compile, warm-up) is never timed, --warmup-steps 0 included.
 
 `--compare` runs several variants in one process, each on a freshly seeded copy
 of the same model over the same batches, and prints them side by side with the
@@ -19,21 +21,26 @@ compile is skipped with the reason. `--json PATH` also writes the table.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raygpt import data, metrics
-from raygpt.config import OneLineArgumentParser, TrainConfig, add_dataclass_flags, load_train_config
-from raygpt.errors import UserError, exit_on_user_error
+from raygpt.config.io import OneLineArgumentParser
+from raygpt.config.train import TrainConfig, add_train_flags, load_train_config
+from raygpt.data import prepare, sources
+from raygpt.data import sampler as data_sampler
+from raygpt.errors import UserError, exit_on_user_error, first_line
+from raygpt.redact import redact_config
 from raygpt.runtime import Runtime, dtype_name, resolve_device, resolve_dtype, use_compile
-from raygpt.train_step import train_step
+from raygpt.train import metrics
+from raygpt.train.step import train_step
+from raygpt.train.step_stats import StepStats
 
 # TrainConfig keys that only matter to a Ray run (or to the lr schedule, which does not
 # change the work of a step): accepted in the TOML file, not offered as flags here.
@@ -47,6 +54,7 @@ RUN_ONLY_KEYS = (
     "resume",
     "overwrite",
     "max_failures",
+    "start_timeout_s",
     "min_lr",
     "warmup_steps",
     "decay_lr",
@@ -105,9 +113,8 @@ def build_parser() -> OneLineArgumentParser:
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1"
     )
     # vocab_size is the benchmark's own --vocab-size above, which serves both meanings.
-    add_dataclass_flags(
+    add_train_flags(
         p,
-        TrainConfig,
         exclude=(*RUN_ONLY_KEYS, "vocab_size"),
         title="config keys (TOML key = flag name)",
     )
@@ -120,7 +127,7 @@ def build_parser() -> OneLineArgumentParser:
 def _uses_gpt2(cfg: TrainConfig) -> bool:
     if cfg.data_file is not None:
         return cfg.tokenizer == "gpt2"
-    spec = data.DATASETS.get(cfg.dataset)
+    spec = sources.DATASETS.get(cfg.dataset)
     return cfg.init_from != "scratch" or (spec is not None and spec.tokenizer == "gpt2")
 
 
@@ -141,13 +148,10 @@ def make_batches(
                 micro.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))
             steps.append(micro)
         return steps, vocab, f"synthetic tokens (vocab {vocab})"
-    dataset_dir, meta = data.prepare_from_config(cfg)
-    sampler = data.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed)
-    world = cfg.num_workers
-    steps = [
-        [sampler.get_batch(step, 0, micro, B, world, grad_accum) for micro in range(grad_accum)]
-        for step in range(n_steps)
-    ]
+    dataset_dir, meta = prepare.prepare_from_config(cfg)
+    with data_sampler.BatchSampler(dataset_dir, "train", cfg.block_size, cfg.seed) as sampler:
+        world = cfg.num_workers
+        steps = [sampler.get_step(step, 0, B, world, grad_accum) for step in range(n_steps)]
     return steps, meta["vocab_size"], f"{meta['dataset']} train split (vocab {meta['vocab_size']})"
 
 
@@ -184,29 +188,33 @@ def run_variant(
 ) -> dict[str, Any]:
     """Train a freshly seeded model over `batches`; step times of the steps after warmup.
 
-    The step is the training loop's own (`train_step`); each is timed between device
-    synchronisations, so a step's time is all of its work."""
-    from raygpt.loop import build_model
-    from raygpt.optim import build_optimizer, set_lr
+    The step is the training loop's own (`train_step`), timed as the loop times it
+    (StepStats: end to end, the host-to-device copies and Python between updates
+    included), read back once at the end. The first step, compile and warm-up, is left
+    out of the times even with no warmup steps."""
+    from raygpt.model.init_from import build_model
+    from raygpt.train.optim import build_optimizer, set_lr
 
     runtime = Runtime(device, variant.dtype, variant.compile)
     runtime.configure()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab_size).to(device)
-    optimizer = build_optimizer(model, cfg, device.type)
+    # The variant's precision, not the config's, for what follows it (Muon's Newton-Schulz).
+    optimizer = build_optimizer(
+        model, dataclasses.replace(cfg, dtype=dtype_name(variant.dtype)), device.type
+    )
     set_lr(optimizer, cfg.learning_rate)
     scaler = runtime.grad_scaler()
     train_model = runtime.maybe_compile(model)
     parameters = list(model.parameters())
-    step_seconds, losses = [], []
-    for i, step_batches in enumerate(batches):
-        runtime.synchronize()
-        start = time.perf_counter()
+    stats = StepStats(runtime.device, world_size=1)
+    stats.start_attempt()
+    for i, step_batches in enumerate(batches, start=1):
         on_device = [
             (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             for x, y in step_batches
         ]
-        loss, _ = train_step(
+        loss, grad_norm = train_step(
             train_model,
             parameters,
             optimizer,
@@ -215,13 +223,13 @@ def run_variant(
             runtime.autocast,
             cfg.grad_clip,
         )
-        runtime.synchronize()
-        if i >= warmup_steps:
-            step_seconds.append(time.perf_counter() - start)
-        losses.append(loss)
+        stats.end_step(i, loss, grad_norm)
+    readings = stats.read()
+    timed = [r for r in readings[warmup_steps:] if not r.first]
     return {
-        "step_seconds": step_seconds,
-        "final_loss": losses[-1].item(),
+        "step_seconds": [r.seconds for r in timed],
+        "first_step_seconds": readings[0].seconds,
+        "final_loss": readings[-1].train_loss,
         "flops_per_token": model.flops_per_token(),
         "n_params": model.n_params(),
     }
@@ -232,11 +240,6 @@ def _cleanup(device: torch.device) -> None:
         torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- output
@@ -276,6 +279,11 @@ def _check_bench_args(args: dict[str, Any]) -> None:
         raise UserError(f"--warmup-steps must be >= 0, got {args['warmup_steps']}")
     if args["bench_steps"] < 1:
         raise UserError(f"--bench-steps must be >= 1, got {args['bench_steps']}")
+    if args["warmup_steps"] == 0 and args["bench_steps"] == 1:
+        raise UserError(
+            "--bench-steps 1 with --warmup-steps 0 times nothing: the first step (compile, "
+            "warm-up) is never timed; use --bench-steps 2 or more"
+        )
     if args["vocab_size"] is not None and args["vocab_size"] < 1:
         raise UserError(f"--vocab-size must be >= 1, got {args['vocab_size']}")
 
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             if not variant.compile:
                 raise
-            reason = _first_line(err)
+            reason = first_line(err, with_type=True)[:200]
             print(f"[raygpt] skipped {variant.name}: torch.compile failed ({reason})", flush=True)
             rows.append({"variant": variant.name, "skipped": reason})
             continue
@@ -334,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min_ms": min(result["step_seconds"]) * 1000,
                 "max_ms": max(result["step_seconds"]) * 1000,
                 "step_ms": [s * 1000 for s in result["step_seconds"]],
+                "first_step_ms": result["first_step_seconds"] * 1000,
                 "tokens_per_sec": tokens_per_sec,
                 "mfu": metrics.mfu(result["flops_per_token"], tokens_per_sec, 1, peak),
                 "final_loss": result["final_loss"],
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_steps": warmup,
             "bench_steps": timed,
             "data": source,
-            "config": cfg.to_dict(),
+            "config": redact_config(cfg.to_dict()),  # a results file: no URI's password
             "variants": rows,
         }
         path = Path(bench["json"]).expanduser()

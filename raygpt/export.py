@@ -5,10 +5,12 @@
                AutoModelForCausalLM.from_pretrained('exported/my-run')"
 
 DIR gets what `GPT2LMHeadModel` and `AutoTokenizer` load, and what lm-evaluation-harness
-(`--model hf --model_args pretrained=DIR`) and `GPT.from_pretrained(DIR)` read:
+(`--model hf --model_args pretrained=DIR`) and `hf.from_pretrained(DIR)` read:
 
 - config.json: the GPT-2 config of the model's shape (tied embeddings, gelu_new);
-- model.safetensors: float32 weights under Hugging Face's names. The vocabulary is cut
+- model.safetensors: float32 weights under Hugging Face's names, a mup or completep
+  model's multipliers folded into them (model/hf.py: sp_state_dict), so that plain
+  GPT-2 code computes the same logits. The vocabulary is cut
   back from its padded size (50304) to the tokenizer's (50257); the four Conv1D weights
   are stored transposed, as HF keeps them (in, out); a model trained without biases gets
   zero biases, which compute the same; lm_head is left out, as HF ties it to wte;
@@ -20,7 +22,8 @@ DIR gets what `GPT2LMHeadModel` and `AutoTokenizer` load, and what lm-evaluation
   `--init-from DIR`) rebuilds the exact tokenizer rather than assume GPT-2's.
 
 The directory appears whole (written under a temporary name, then renamed), and an
-existing non-empty DIR is replaced only with --overwrite.
+existing non-empty DIR is replaced only with --overwrite, and only when it is an
+export (holds raygpt.json).
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ from typing import Any
 
 import torch
 
-from raygpt import __version__, data, trained
-from raygpt.config import OneLineArgumentParser, default_storage_path
+from raygpt import __version__
+from raygpt.config.io import OneLineArgumentParser
+from raygpt.config.train import default_storage_path
+from raygpt.data import common
 from raygpt.errors import UserError, exit_on_user_error
-from raygpt.model import _CONV1D_SUFFIXES as CONV1D_SUFFIXES  # the names model.py transposes
-from raygpt.model import GPT
+from raygpt.model import hf, loading
+from raygpt.model.gpt import GPT
+from raygpt.model.hf import CONV1D_SUFFIXES  # the names the adapter transposes
+from raygpt.run_folder import check_name
 
 HF_EXTRA_HINT = "install the hf extra: pip install 'raygpt[hf]'"
 # Text every GPT-2 BPE conversion must encode exactly as tiktoken does: contractions,
@@ -72,7 +79,9 @@ def build_parser() -> OneLineArgumentParser:
         help="where run names are looked up (default $RAYGPT_STORAGE_PATH, else ~/ray_results)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace DIR if it exists and is not empty"
+        "--overwrite",
+        action="store_true",
+        help="replace DIR if it is an earlier export (holds raygpt.json)",
     )
     return p
 
@@ -116,7 +125,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     # The keys and shapes a model with biases has, without allocating one.
     with torch.device("meta"):
         reference = GPT(replace(model.config, bias=True)).state_dict()
-    own = model.state_dict()
+    own = hf.sp_state_dict(model)  # mup's multipliers folded in (sp: as is)
     out = {}
     for key, like in reference.items():
         if key == "lm_head.weight":
@@ -214,7 +223,7 @@ def tokenizer_config(tokenizer: Any, block_size: int) -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,  # decode gives back the text as it was
     }
     if tokenizer.eos_token is not None:
-        eot = data.EOT
+        eot = common.EOT
         config.update(bos_token=eot, eos_token=eot, unk_token=eot)  # as HF's gpt2 does
     return config
 
@@ -222,7 +231,7 @@ def tokenizer_config(tokenizer: Any, block_size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- directory
 
 
-def export(model_and_tokenizer: trained.Trained, directory: str | Path, overwrite: bool) -> Path:
+def export(model_and_tokenizer: loading.Trained, directory: str | Path, overwrite: bool) -> Path:
     """Write the Hugging Face directory (see the module docstring); return its path."""
     try:
         from safetensors.torch import save_file
@@ -235,12 +244,14 @@ def export(model_and_tokenizer: trained.Trained, directory: str | Path, overwrit
     files: dict[str, Any] = {
         "config.json": hf_config(t.model, t.tokenizer.eos_token, t.dropout),
         "tokenizer_config.json": tokenizer_config(t.tokenizer, t.model.config.block_size),
-        trained.EXPORT_META_FILE: {
-            "format": trained.EXPORT_META_FORMAT,
+        loading.EXPORT_META_FILE: {
+            "format": loading.EXPORT_META_FORMAT,
             "source": t.description,
             "step": t.step,
             # A trained BPE's JSON is the tokenizer.json beside it, not a second copy here.
             "data": {k: v for k, v in t.data.items() if k != "tokenizer_json"},
+            # What the source was trained under; the weights are sp (multipliers folded in).
+            "parametrization": t.model.config.parametrization,
             "raygpt_version": __version__,
         },
     }
@@ -263,14 +274,34 @@ def export(model_and_tokenizer: trained.Trained, directory: str | Path, overwrit
 
 
 def check_target(directory: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory without --overwrite, before any work."""
+    """Refuse, before any work: a folder name that is not plain (`--hf ..` would replace
+    the parent), a file, a non-empty directory without --overwrite, and with it one
+    that raygpt did not export (raygpt deletes only what it wrote)."""
+    check_name(directory.name or str(directory), f"--hf {directory}: folder name")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--hf {directory} is a file; give a directory to write")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if not overwrite:
         raise UserError(
             f"--hf {directory} exists and is not empty; pass --overwrite to replace it "
             "or choose another directory"
         )
+    if not is_export(directory):
+        raise UserError(
+            f"--hf {directory} holds files raygpt did not export (no "
+            f"{loading.EXPORT_META_FILE} record); --overwrite replaces only an export: choose another "
+            "directory, or move that one away yourself"
+        )
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds the record every export writes (raygpt.json)."""
+    try:
+        loading.read_export_meta(directory / loading.EXPORT_META_FILE)
+    except UserError:
+        return False
+    return True
 
 
 def _put_in_place(tmp: Path, directory: Path, overwrite: bool) -> None:
@@ -293,7 +324,7 @@ def _put_in_place(tmp: Path, directory: Path, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_target(Path(args.hf).expanduser(), args.overwrite)  # before loading anything
-    t = trained.from_checkpoint(args.checkpoint, args.storage_path)
+    t = loading.from_checkpoint(args.checkpoint, args.storage_path)
     directory = export(t, args.hf, args.overwrite)
     c = t.model.config
     print(

@@ -30,10 +30,9 @@ from __future__ import annotations
 import io
 import json
 import re
-import tempfile
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raygpt.redact import redact_config
 from raygpt.storage import Storage
 
 STEP_SCHEMA = pa.schema(
@@ -102,26 +102,36 @@ TRIAL_SCHEMA = pa.schema(
         ("overhead_seconds", pa.float64()),
         ("cooldown_seconds", pa.float64()),  # training the rung cooldowns' copies
         ("hellaswag_acc_norm", pa.float64()),  # the latest, with --hellaswag-every
+        # Compute (report/compute.py says how each is counted): the model's size as the
+        # trial's own model reported it (from its config until it reports), its
+        # parametrization, training FLOPs (per-token FLOPs x tokens), and device time.
+        ("n_params", pa.int64()),  # non-embedding, GPT.n_params(non_embedding=True)
+        ("n_layer", pa.int64()),
+        ("n_embd", pa.int64()),
+        ("parametrization", pa.string()),
+        ("flops", pa.float64()),
+        ("device_seconds", pa.float64()),  # training time x devices (GPUs, or CPU workers)
+        ("gpu_hours", pa.float64()),  # device_seconds / 3600 on GPUs, 0 on CPUs
     ]
 )
 
 TRIALS_FILE = "trials.parquet"
 STEPS_DIR = "steps"
-LEGACY_STEPS_FILE = "steps.parquet"  # one rewritten file, as raygpt wrote before parts
 TENSORBOARD_DIR = "tensorboard"
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
 _PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
-_EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d+)-(\d+)\.raygpt$")
 
 
 # --------------------------------------------------------------------------- whole files
 
 
 def with_metadata(table: pa.Table, metadata: dict[str, Any]) -> pa.Table:
+    # A footer is read by anyone with the file: no password of a URI in the config.
     encoded = {
-        f"raygpt.{k}".encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()
+        f"raygpt.{k}".encode(): json.dumps(redact_config(v), default=str).encode()
+        for k, v in metadata.items()
     }
     return table.replace_schema_metadata({**(table.schema.metadata or {}), **encoded})
 
@@ -146,6 +156,17 @@ def write_table(storage: Storage, fs_path: str, table: pa.Table) -> None:
 READ_RETRIES = 4
 
 
+def parse_parquet(data: bytes) -> pa.Table:
+    """One Parquet file's bytes as a table, decoded on this thread.
+
+    `pq.read_table` and `pyarrow.dataset` scan through Arrow's background scanner
+    threads, which can still be alive when the interpreter exits and then abort the
+    process ("terminate called without an active exception", exit -6) after its work
+    is done. A `ParquetFile` read on the calling thread leaves no thread behind.
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+
+
 def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
     """A Parquet file, or None when it is not there.
 
@@ -160,7 +181,7 @@ def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
         except FileNotFoundError:
             return None
         try:
-            return pq.read_table(pa.BufferReader(data))
+            return parse_parquet(data)
         except pa.ArrowInvalid:
             if attempt == READ_RETRIES - 1:
                 raise
@@ -169,7 +190,8 @@ def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
 
 
 def write_json(storage: Storage, fs_path: str, value: Any) -> None:
-    storage.write_bytes(fs_path, json.dumps(value, indent=2, default=str).encode())
+    """`value` as JSON, secrets masked (redact_config): records are for people to read."""
+    storage.write_bytes(fs_path, json.dumps(redact_config(value), indent=2, default=str).encode())
 
 
 def write_png(storage: Storage, fs_path: str, fig, dpi: int) -> None:
@@ -213,15 +235,12 @@ def drop_parts_after(storage: Storage, run_path: str, step: int) -> int:
     parts written past it by the interrupted attempt would otherwise outlive a
     change of report cadence. Returns how many parts went.
     """
-    return _drop_after(storage, f"{run_path}/{STEPS_DIR}", _PART_RE, step)
+    return drop_files_after(storage, f"{run_path}/{STEPS_DIR}", _PART_RE, step)
 
 
-def drop_tensorboard_after(storage: Storage, logdir: str, step: int) -> int:
-    """As drop_parts_after, for the event files a resumed run will write again."""
-    return _drop_after(storage, logdir, _EVENTS_RE, step)
-
-
-def _drop_after(storage: Storage, folder: str, pattern: re.Pattern, step: int) -> int:
+def drop_files_after(storage: Storage, folder: str, pattern: re.Pattern, step: int) -> int:
+    """Delete the files in `folder` whose name `pattern` matches with a first step (its
+    group 1) after `step`. Returns how many went."""
     dropped = 0
     for name in storage.list_dir(folder):
         match = pattern.match(name)
@@ -255,19 +274,17 @@ def read_steps(storage: Storage, folder: str) -> tuple[pa.Table | None, dict[str
     Rows are unique on (trial_id, step): where a replayed step appears twice,
     the copy from the later part wins. None when the folder holds no rows.
     """
-    tables: list[pa.Table] = []
     metadata: dict[str, Any] = {}
-    legacy = read_table(storage, f"{folder}/{LEGACY_STEPS_FILE}")
-    if legacy is not None:
-        metadata.update(decode_metadata(legacy.schema))
-        tables.append(conform(legacy, STEP_SCHEMA))
     paths = step_part_paths(storage, folder)
-    if paths:
-        import pyarrow.dataset as ds
-
-        dataset = ds.dataset(paths, schema=STEP_SCHEMA, format="parquet", filesystem=storage.fs)
-        tables.append(dataset.to_table())
-        metadata.update(decode_metadata(pq.read_schema(paths[0], filesystem=storage.fs)))
+    # Parts are small and many; on object storage each is a GET, so they are fetched
+    # side by side.
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(paths)))) as pool:
+        parts = [
+            t for t in pool.map(lambda path: read_table(storage, path), paths) if t is not None
+        ]
+    if parts:
+        metadata.update(decode_metadata(parts[0].schema))
+    tables = [conform(part, STEP_SCHEMA) for part in parts]
     if not tables:
         return None, metadata
     table = pa.concat_tables(tables)
@@ -298,89 +315,3 @@ def dedupe_steps(table: pa.Table) -> pa.Table:
     last = keyed.group_by(["trial_id", "step"], use_threads=False).aggregate([("_row", "max")])
     kept = table.take(last["_row_max"])
     return kept.sort_by([("trial_id", "ascending"), ("step", "ascending")])
-
-
-# --------------------------------------------------------------------------- TensorBoard
-
-TENSORBOARD_TAGS = {
-    "train_loss": "loss/train",
-    "val_loss": "loss/val",
-    "cooled_val_loss": "loss/val_cooled",
-    "eval_train_loss": "loss/train_eval",
-    "lr": "optim/lr",
-    "grad_norm": "optim/grad_norm",
-    "tokens_per_sec": "perf/tokens_per_sec",
-    "step_time_ms": "perf/step_time_ms",
-    "mfu": "perf/mfu",
-    "hellaswag_acc_norm": "eval/hellaswag_acc_norm",
-}
-# Row keys holding text (not step columns: TensorBoard only), under the text plugin.
-TENSORBOARD_TEXT_TAGS = {"sample": "samples"}
-
-
-def tensorboard_file_name(first: int, last: int) -> str:
-    # TensorBoard reads every file whose name holds "tfevents", in name order:
-    # zero-padded steps keep that order the training order.
-    return f"events.out.tfevents.{first:012d}-{last:012d}.raygpt"
-
-
-def write_tensorboard_part(storage: Storage, logdir: str, rows: list[dict[str, Any]]) -> None:
-    """The rows' scalars as one new event file in `logdir` (written locally, then stored).
-
-    One event per step carrying all its scalars, written with TensorBoard's own
-    event-file writer: a tenth of the work of one `add_scalar` call per value.
-    """
-    if not rows:
-        return
-    import time as _time
-
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    steps = [int(r["step"]) for r in rows]
-    with tempfile.TemporaryDirectory(prefix="raygpt-tb-") as tmp:
-        writer = EventFileWriter(tmp, max_queue_size=len(rows) + 1)
-        # Each step's wall time, counted back from now by the steps' own durations.
-        wall = _time.time()
-        wall_times = []
-        for row in reversed(rows):
-            wall_times.append(wall)
-            wall -= (row.get("step_time_ms") or 0.0) / 1000
-        for row, now in zip(rows, reversed(wall_times), strict=True):
-            values = [
-                summary_pb2.Summary.Value(tag=tag, simple_value=float(row[key]))
-                for key, tag in TENSORBOARD_TAGS.items()
-                if row.get(key) is not None
-            ]
-            values += [
-                _text_value(tag, row[key])
-                for key, tag in TENSORBOARD_TEXT_TAGS.items()
-                if row.get(key)
-            ]
-            writer.add_event(
-                event_pb2.Event(
-                    step=int(row["step"]), wall_time=now, summary=summary_pb2.Summary(value=values)
-                )
-            )
-        writer.close()
-        (event_file,) = Path(tmp).glob("events.out.tfevents.*")
-        storage.upload_file(event_file, f"{logdir}/{tensorboard_file_name(min(steps), max(steps))}")
-
-
-def _text_value(tag: str, text: str):
-    """A text-plugin summary value. TensorBoard renders text as Markdown: indented four
-    spaces, the text is a code block, its newlines and spacing shown as written."""
-    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-
-    block = "\n".join("    " + line for line in text.split("\n"))
-    return summary_pb2.Summary.Value(
-        tag=tag,
-        metadata=summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
-        ),
-        tensor=tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING,
-            string_val=[block.encode("utf-8")],
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-        ),
-    )

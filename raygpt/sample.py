@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from raygpt import generation, trained
-from raygpt.config import DTYPES, OneLineArgumentParser
+from raygpt.config.choices import DTYPES
+from raygpt.config.io import OneLineArgumentParser
 from raygpt.errors import UserError, exit_on_user_error
+from raygpt.model import generate, loading
 from raygpt.runtime import Runtime, resolve_device, resolve_dtype
 
 SEPARATOR = "---------------"
@@ -36,7 +37,7 @@ def build_parser() -> OneLineArgumentParser:
         prog="python -m raygpt.sample",
         description="Sample text from a raygpt checkpoint or from pretrained GPT-2 weights.",
     )
-    trained.add_source_arguments(p)  # exactly one of the first two: trained.load checks
+    loading.add_source_arguments(p)  # exactly one of the first two: loading.load checks
     p.add_argument(
         "--start",
         default="\n",
@@ -127,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime = Runtime(device, resolve_dtype(args.dtype, device), compile=False)
     prompt = None if args.interactive else read_prompt(args.start)
 
-    loaded = trained.load(args.checkpoint, args.init_from, args.storage_path)
+    loaded = loading.load(args.checkpoint, args.init_from, args.storage_path)
     model, tokenizer, description = loaded.model.to(device), loaded.tokenizer, loaded.description
-    ids = None if prompt is None else generation.encode_prompt(tokenizer, prompt)
+    ids = None if prompt is None else generate.encode_prompt(tokenizer, prompt)
     print(f"[raygpt] sampling from {description} on {device}", file=sys.stderr, flush=True)
 
     torch.manual_seed(args.seed)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def complete(ids: list[int]) -> list[list[int]]:
         return [
-            generation.generate(
+            generate.generate(
                 model,
                 ids,
                 args.max_new_tokens,
@@ -170,7 +171,7 @@ def interact(tokenizer: Any, complete: Any) -> None:
         if not line or prompt in ("", ":q"):
             return
         try:
-            ids = generation.encode_prompt(tokenizer, prompt, "prompt")
+            ids = generate.encode_prompt(tokenizer, prompt, "prompt")
         except UserError as err:  # a typo should not end the session
             print(f"error: {err}", file=sys.stderr, flush=True)
             continue

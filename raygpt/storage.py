@@ -10,9 +10,8 @@ Two promises, both checked before any Ray work starts:
   input (a file, an unwritable folder, an unreachable endpoint, denied
   credentials, a missing bucket) is one line naming the bad value, and it leaves
   nothing written anywhere.
-- `preflight(storage)` proves that every node of the Ray cluster sees the same
-  storage. A node-local path on a multi-node cluster would otherwise fail much
-  later, on whichever node rank 0 happens to land.
+- `cluster.storage_check.preflight(storage)` proves that every node of the Ray
+  cluster sees the same storage.
 
 `Storage` pickles (pyarrow filesystems do), so Ray ships it to workers as is.
 Give Ray the pair `storage_path=storage.root, storage_filesystem=storage.fs`.
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import os
 import re
 import shutil
@@ -31,43 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import pyarrow.fs as pafs
 
-from raygpt.errors import UserError
+from raygpt import object_store
+from raygpt.errors import UserError, first_line
+from raygpt.redact import redact
 
 ACCEPTED = "a folder path, file:///PATH, s3://BUCKET/PATH or gs://BUCKET/PATH"
-PREFLIGHT_DIR = ".raygpt-preflight"
 _PROBE_PREFIX = ".raygpt-probe-"
-
-# Timeouts of the filesystem a run uses. request_timeout is, on Linux, how long a
-# transfer may make no progress at all (curl's low-speed limit), not a cap on a
-# whole upload, so a large checkpoint is safe under it.
-_CONNECT_S = 5.0
-_REQUEST_S = 30.0
-# The check in `resolve` uses a stricter copy: a wrong endpoint must fail in
-# seconds, not after the SDK's retries with back-off at the run's timeouts.
-# Worst case for an endpoint that accepts connections and never answers:
-# _CHECK_ATTEMPTS x _CHECK_REQUEST_S.
-_CHECK_CONNECT_S = 3.0
-_CHECK_REQUEST_S = 5.0
-_CHECK_ATTEMPTS = 2
-_CHECK_GCS_RETRY_S = 5
-
-# URI query options, by type, passed on to the pyarrow filesystem. A typo is an
-# error rather than silently ignored.
-_S3_STR = ("endpoint_override", "scheme", "region", "role_arn", "session_name", "external_id")
-_S3_STR += ("tls_ca_file_path", "proxy_options")
-_S3_BOOL = ("anonymous", "force_virtual_addressing", "allow_bucket_creation")
-_S3_BOOL += ("allow_bucket_deletion", "check_directory_existence_before_creation")
-_S3_BOOL += ("background_writes", "allow_delayed_open")
-_S3_FLOAT = ("connect_timeout", "request_timeout", "load_frequency")
-_GCS_STR = ("endpoint_override", "scheme", "project_id", "target_service_account")
-_GCS_STR += ("default_bucket_location",)
-_GCS_BOOL = ("anonymous",)
-_GCS_FLOAT = ("retry_limit_seconds",)
-_SECRETS = ("access_key", "secret_key", "session_token", "access_token")
 
 
 @dataclass(frozen=True)
@@ -108,6 +79,16 @@ class Storage:
 
     def is_dir(self, fs_path: str) -> bool:
         return self.fs.get_file_info(fs_path).type == pafs.FileType.Directory
+
+    def highest_missing(self, fs_path: str) -> str | None:
+        """The highest folder from `fs_path` up that does not exist (what writing there
+        would bring into being); None if `fs_path` exists."""
+        if self.exists(fs_path):
+            return None
+        top = fs_path
+        while "/" in top and (parent := top.rsplit("/", 1)[0]) and not self.exists(parent):
+            top = parent
+        return top
 
     def list_dir(self, fs_path: str) -> list[str]:
         """Sorted names of the direct children of `fs_path`; [] when it does not exist."""
@@ -238,15 +219,29 @@ def resolve(storage_path: str, check: bool = True) -> Storage:
     root, within seconds. The probe is always removed.
     """
     raw = str(storage_path).strip()
+    try:
+        return _resolve(raw, check)
+    except UserError as err:
+        # The lines below name the value as given: a password or a key in it stays out.
+        shown = redact(str(err))
+        if shown == str(err):
+            raise
+        raise UserError(shown) from None
+
+
+def _resolve(raw: str, check: bool) -> Storage:
     if not raw:
         raise UserError(f"--storage-path is empty; give {ACCEPTED}")
     scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
     if not scheme:
         for known in ("s3", "gs", "gcs", "file"):
             if raw.lower().startswith(f"{known}:"):
+                # Both forms come from the corrected one: redact() finds a userinfo only
+                # after a '://'.
+                fixed = redact(f"{known}://{raw.split(':', 1)[1].lstrip('/')}")
                 raise UserError(
-                    f"--storage-path {raw} is missing '//' after '{known}:'; "
-                    f"write it as {known}://{raw.split(':', 1)[1].lstrip('/')}"
+                    f"--storage-path {known}:{fixed.split('://', 1)[1]} is missing '//' after "
+                    f"'{known}:'; write it as {fixed}"
                 )
         return _resolve_local(raw, raw, check)
     if scheme == "file":
@@ -304,131 +299,24 @@ def _resolve_object_store(raw: str, scheme: str, check: bool) -> Storage:
         raise UserError(
             f"--storage-path {scheme}://{parts.netloc.rsplit('@', 1)[1]}...: credentials "
             "do not belong in the path, where logs and run records would keep them; "
-            + _CREDENTIALS_HINT[scheme]
+            + object_store.CREDENTIALS_HINT[scheme]
         )
     bucket = parts.netloc
     if not bucket:
         raise UserError(f"--storage-path {raw} names no bucket; write {scheme}://BUCKET/PATH")
     prefix = "/".join(p for p in parts.path.split("/") if p)
     root = f"{bucket}/{prefix}" if prefix else bucket
-    options = _parse_options(raw, scheme, parts.query)
+    options = object_store.parse_options(raw, scheme, parts.query)
     if check and scheme == "s3" and not options.get("region"):
-        region = None if options.get("endpoint_override") else _bucket_region(bucket)
+        region = None if options.get("endpoint_override") else object_store.bucket_region(bucket)
         if region:
             options["region"] = region
-    query = urlencode(_ordered(options), safe=":/")
+    query = urlencode(object_store.query_pairs(options), safe=":/")
     uri = f"{scheme}://{root}" + (f"?{query}" if query else "")
-    storage = Storage(uri=uri, fs=_filesystem(scheme, options), root=root)
+    storage = Storage(uri=uri, fs=object_store.filesystem(scheme, options), root=root)
     if check:
-        _check_object_store(storage, _filesystem(scheme, options, quick=True), options)
+        _check_object_store(storage, object_store.filesystem(scheme, options, quick=True), options)
     return storage
-
-
-def _parse_options(raw: str, scheme: str, query: str) -> dict[str, Any]:
-    kinds = {
-        "s3": (_S3_STR, _S3_BOOL, _S3_FLOAT),
-        "gs": (_GCS_STR, _GCS_BOOL, _GCS_FLOAT),
-    }[scheme]
-    accepted = sorted(k for group in kinds for k in group)
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key in options:
-            raise UserError(f"--storage-path {raw} gives {key} twice; keep one")
-        if key in _SECRETS:
-            raise UserError(
-                f"--storage-path {raw.split('?', 1)[0]}?...: {key} does not belong in the path, "
-                f"where logs and run records would keep it; {_CREDENTIALS_HINT[scheme]}"
-            )
-        if key in kinds[1]:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise UserError(f"--storage-path {raw}: {key}={value} must be true or false")
-            options[key] = value.lower() in ("true", "1")
-        elif key in kinds[2]:
-            try:
-                options[key] = float(value)
-            except ValueError:
-                raise UserError(
-                    f"--storage-path {raw}: {key}={value} must be a number of seconds"
-                ) from None
-        elif key in kinds[0]:
-            options[key] = value
-        else:
-            raise UserError(
-                f"--storage-path {raw}: unknown option {key!r}; "
-                f"{scheme}:// accepts {', '.join(accepted)}"
-            )
-    # "http://host:port" is the form Ray's docs and boto3 use; pyarrow wants host:port
-    # and the scheme apart.
-    endpoint = options.get("endpoint_override", "")
-    match = re.match(r"(https?)://(.*)$", endpoint)
-    if match:
-        if options.get("scheme", match[1]) != match[1]:
-            raise UserError(
-                f"--storage-path {raw}: endpoint_override says {match[1]} but scheme says "
-                f"{options['scheme']}; keep one"
-            )
-        options["scheme"], options["endpoint_override"] = match[1], match[2].rstrip("/")
-    if options.get("scheme", "https") not in ("http", "https"):
-        raise UserError(f"--storage-path {raw}: scheme={options['scheme']} must be http or https")
-    return options
-
-
-def _ordered(options: dict[str, Any]) -> list[tuple[str, str]]:
-    """The options in a stable order (the endpoint first), as URI query text."""
-    first = [k for k in ("endpoint_override", "scheme", "region") if k in options]
-    keys = first + sorted(k for k in options if k not in first)
-    return [
-        (k, str(options[k]).lower() if isinstance(options[k], bool) else _num(options[k]))
-        for k in keys
-    ]
-
-
-def _num(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _bucket_region(bucket: str) -> str | None:
-    """The AWS region of `bucket`, as pyarrow's own URI parsing finds it; None if unknown.
-
-    A client in the wrong region gets redirects pyarrow does not follow. None leaves
-    the choice to the SDK (AWS_DEFAULT_REGION, the profile), and the check that follows
-    says what is wrong if the bucket is unusable.
-    """
-    try:
-        return pafs.resolve_s3_region(bucket)
-    except OSError:
-        return None
-
-
-def _filesystem(scheme: str, options: dict[str, Any], quick: bool = False) -> pafs.FileSystem:
-    if scheme == "gs":
-        kwargs = {k: v for k, v in options.items() if k != "retry_limit_seconds"}
-        limit = options.get("retry_limit_seconds", _CHECK_GCS_RETRY_S if quick else None)
-        if limit is not None:
-            kwargs["retry_time_limit"] = datetime.timedelta(seconds=limit)
-        return pafs.GcsFileSystem(**kwargs)
-    kwargs = dict(options)
-    # One PutObject for a small file instead of pyarrow's default three-request
-    # multipart upload; errors then surface on write/close rather than on open.
-    kwargs.setdefault("allow_delayed_open", True)
-    kwargs.setdefault("connect_timeout", _CHECK_CONNECT_S if quick else _CONNECT_S)
-    kwargs.setdefault("request_timeout", _CHECK_REQUEST_S if quick else _REQUEST_S)
-    if "load_frequency" in kwargs:
-        kwargs["load_frequency"] = int(kwargs["load_frequency"])
-    if quick:
-        # Not kept by pickling: an unpickled S3FileSystem has the SDK's default
-        # (standard, 3 attempts), which is also what the run's filesystem uses.
-        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_CHECK_ATTEMPTS)
-    return pafs.S3FileSystem(**kwargs)
-
-
-_CREDENTIALS_HINT = {
-    "s3": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
-    "or give the nodes an instance profile",
-    "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`, "
-    "or give the nodes a service account",
-}
-_MAKE_BUCKET = {"s3": "aws s3 mb s3://{}", "gs": "gcloud storage buckets create gs://{}"}
 
 
 def _check_object_store(storage: Storage, fs: pafs.FileSystem, options: dict[str, Any]) -> None:
@@ -441,7 +329,7 @@ def _check_object_store(storage: Storage, fs: pafs.FileSystem, options: dict[str
         if not quick.exists(bucket):
             raise UserError(
                 f"bucket '{bucket}' does not exist at {endpoint}; create it "
-                f"({_MAKE_BUCKET[scheme].format(bucket)}) or fix --storage-path"
+                f"({object_store.MAKE_BUCKET[scheme].format(bucket)}) or fix --storage-path"
             )
         info = fs.get_file_info(storage.root)
         if info.type == pafs.FileType.File:
@@ -449,7 +337,7 @@ def _check_object_store(storage: Storage, fs: pafs.FileSystem, options: dict[str
                 f"--storage-path {storage.display()} is an object (a file), not a folder; "
                 "give a folder path"
             )
-        new_top = _highest_missing(quick) if info.type == pafs.FileType.NotFound else None
+        new_top = quick.highest_missing(quick.root)
         probe = quick.path(f"{_PROBE_PREFIX}{uuid.uuid4().hex}")
         token = uuid.uuid4().bytes
         written = False
@@ -473,15 +361,7 @@ def _check_object_store(storage: Storage, fs: pafs.FileSystem, options: dict[str
                 "check that endpoint_override is an S3-compatible object store"
             )
     except OSError as err:
-        raise UserError(_explain(storage, err, endpoint)) from None
-
-
-def _highest_missing(storage: Storage) -> str:
-    """The highest folder from the root up that does not exist yet (the bucket exists)."""
-    top = storage.root
-    while "/" in top and not storage.exists(top.rsplit("/", 1)[0]):
-        top = top.rsplit("/", 1)[0]
-    return top
+        raise UserError(explain_os_error(storage, err, endpoint)) from None
 
 
 def _remove_markers(storage: Storage, top: str) -> None:
@@ -497,7 +377,7 @@ def _remove_markers(storage: Storage, top: str) -> None:
         storage.delete_dir(top)
 
 
-def _explain(storage: Storage, err: OSError, endpoint: str) -> str:
+def explain_os_error(storage: Storage, err: OSError, endpoint: str) -> str:
     """One line for a storage error: what went wrong, and what to do."""
     text = str(err)
     where = storage.display()
@@ -527,134 +407,14 @@ def _explain(storage: Storage, err: OSError, endpoint: str) -> str:
     if any(s in text for s in denied):
         return (
             f"access to {where} denied: credentials missing or not allowed; "
-            + _CREDENTIALS_HINT[scheme]
+            + object_store.CREDENTIALS_HINT[scheme]
         )
     if "NO_SUCH_BUCKET" in text:
         bucket = storage.root.split("/", 1)[0]
         return (
             f"bucket '{bucket}' does not exist at {endpoint}; create it "
-            f"({_MAKE_BUCKET[scheme].format(bucket)}) or fix --storage-path"
+            f"({object_store.MAKE_BUCKET[scheme].format(bucket)}) or fix --storage-path"
         )
-    first = text.splitlines()[0] if text else type(err).__name__
+    first = first_line(err)
     first = re.sub(r"\s*\(Request ID: [^)]*\)", "", first)
     return f"cannot use {where}: {first}; check --storage-path and the endpoint"
-
-
-# ---------------------------------------------------------------------------------------
-# preflight
-
-
-def preflight(storage: Storage, timeout_s: float = 60.0) -> None:
-    """Prove that every alive Ray node reads and writes the same `storage`.
-
-    The driver writes a marker holding a random token; one tiny task pinned to each
-    node reads it back and writes its own; the driver then reads every node's
-    marker. Anything else (a node that cannot see the driver's marker, a marker the
-    driver cannot see, an error, a task still running after `timeout_s`) is one
-    UserError naming the node. The markers are removed either way.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    token = uuid.uuid4().hex
-    folder = storage.path(PREFLIGHT_DIR, token)
-    marker = f"{folder}/driver"
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not nodes:
-        return
-    # A cluster of one node, this process's own, sees exactly what this process sees.
-    if [n["NodeID"] for n in nodes] == [ray.get_runtime_context().get_node_id()]:
-        return
-    check = ray.remote(num_cpus=0, max_retries=0)(_node_check)
-    try:
-        storage.write_bytes(marker, token.encode())
-        pending = {
-            check.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(storage, marker, f"{folder}/{token}-{node['NodeID']}", token): node
-            for node in nodes
-        }
-        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
-        for ref in late:
-            with contextlib.suppress(Exception):  # best effort: the task may be stuck in I/O
-                ray.cancel(ref, force=True)
-        if late:
-            raise UserError(
-                f"node {_node_name(pending[late[0]])} did not finish checking "
-                f"{storage.display()} within {timeout_s:g} s (a hung mount or an overloaded "
-                "node); check that node's storage, or raise the preflight timeout"
-            )
-        for ref in done:
-            node = pending[ref]
-            try:
-                problem = ray.get(ref)
-            except Exception as err:  # the node died, or its worker could not start
-                problem = f"failed its storage check ({str(err).splitlines()[0]})"
-            if problem:
-                raise UserError(f"node {_node_name(node)} {problem}")
-            own = f"{folder}/{token}-{node['NodeID']}"
-            if not _holds(storage, own, token):
-                raise UserError(
-                    f"node {_node_name(node)} wrote {storage.display(own)} but the driver "
-                    f"cannot see it: {_not_shared(storage)}"
-                )
-    except OSError as err:  # the driver's own reads and writes; resolve() passed moments ago
-        raise UserError(f"the driver {_node_error(storage, err)}") from None
-    finally:
-        _remove_preflight(storage, folder)
-
-
-def _node_check(storage: Storage, marker: str, own: str, token: str) -> str:
-    """On one node: read the driver's marker, write this node's. "" or what went wrong."""
-    try:
-        if not _holds(storage, marker, token):
-            return f"cannot see {storage.display()} that the driver wrote: {_not_shared(storage)}"
-        storage.write_bytes(own, token.encode())
-    except OSError as err:
-        return _node_error(storage, err)
-    return ""
-
-
-def _node_error(storage: Storage, err: OSError) -> str:
-    """What an OSError on one machine means, to follow "node X " or "the driver "."""
-    if storage.is_local:
-        return (
-            f"cannot use {storage.display()} ({str(err).splitlines()[0]}); check that "
-            "folder's mount and permissions there"
-        )
-    endpoint = dict(parse_qsl(urlsplit(storage.uri).query)).get("endpoint_override", "")
-    return _explain(storage, err, endpoint or "the default endpoint")
-
-
-def _holds(storage: Storage, fs_path: str, token: str) -> bool:
-    try:
-        return storage.read_bytes(fs_path) == token.encode()
-    except FileNotFoundError:
-        return False
-
-
-def _not_shared(storage: Storage) -> str:
-    if storage.is_local:
-        return (
-            "it is not shared storage; mount the same NFS/EFS path on every node "
-            "or use --storage-path s3://BUCKET/PATH"
-        )
-    return (
-        "the nodes reach different storage; give an endpoint_override that every node "
-        "reaches as the same server (not 127.0.0.1 or localhost)"
-    )
-
-
-def _node_name(node: dict[str, Any]) -> str:
-    return f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
-
-
-def _remove_preflight(storage: Storage, folder: str) -> None:
-    """Delete this preflight's folder, and the shared parent once no preflight uses it."""
-    with contextlib.suppress(OSError):
-        storage.delete_dir(folder)
-        parent = storage.path(PREFLIGHT_DIR)
-        if storage.is_local:
-            os.rmdir(parent)  # refuses while another run's preflight is in there
-        elif not storage.list_dir(parent):
-            storage.delete_dir(parent)

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from raygpt.data.cache import DATA_DIR_ENV, DEFAULT_DATA_DIR, data_root
 from raygpt.data.common import DEFAULT_DATASET, DEFAULT_VAL_FRACTION, TOKENIZERS, one_line
 from raygpt.data.corpus import DEFAULT_UNIT_MB, prepare_corpus
+from raygpt.data.hub_corpora import CORPORA
 from raygpt.data.inputs import FORMATS
 from raygpt.data.manifest import load_meta
 from raygpt.data.prepare import prepare
-from raygpt.data.sources import CORPORA, DATASETS
+from raygpt.data.sources import DATASETS
 from raygpt.errors import UserError, exit_on_user_error
 
 

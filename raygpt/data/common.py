@@ -10,10 +10,14 @@ DEFAULT_DATASET = "pydocs_char"
 DEFAULT_VAL_FRACTION = 0.1
 DOC_SEPARATOR = "\n\n"  # joins the documents of a character-level dataset
 # A trained byte-level BPE holds the 256 bytes, then its merges, then <|endoftext|>.
-BPE_MIN_VOCAB_SIZE = 257
 BPE_FILE = "tokenizer.json"  # a trained BPE, beside its dataset's manifest.json
 
 
 def one_line(text: object) -> str:
     """Collapse whitespace (newlines included) so that a message stays on one line."""
     return " ".join(str(text).split())
+
+
+# The vocabularies of the BPEs that pretokenized shards come in.
+GPT2_VOCAB_SIZE = 50257
+LLAMA3_VOCAB_SIZE = 128256  # llm.c's uint32 shards

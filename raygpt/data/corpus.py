@@ -64,6 +64,7 @@ from raygpt.data.tokenizers import (
     load_gpt2_encoding,
 )
 from raygpt.errors import UserError
+from raygpt.run_folder import check_name
 
 DEFAULT_UNIT_MB = 256  # of input text per work unit: ~60M GPT-2 tokens, a ~120 MB shard
 ENCODING_FILE = f"{RECEIPTS}/encoding.json"  # the BPE ranks, for the workers
@@ -218,6 +219,12 @@ def _out_state(out: Any) -> tuple[str, dict | None]:
     return "foreign", None
 
 
+def _final_name(out: str) -> str:
+    """The last folder name of an output path or URI as written ('..' stays '..')."""
+    path = out.split("?", 1)[0].split("://", 1)[-1]
+    return path.rstrip("/").rsplit("/", 1)[-1] or out
+
+
 def prepare_corpus(
     inputs: list[str],
     out: str | None = None,
@@ -243,7 +250,7 @@ def prepare_corpus(
     `raygpt.train --address` (default: the running one, else a private one).
     """
     from raygpt import storage
-    from raygpt.launch import connect
+    from raygpt.cluster.connect import connect
 
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -251,6 +258,10 @@ def prepare_corpus(
         raise UserError(f"--unit-mb must be > 0, got {unit_mb}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if name is not None:  # it names the default output folder: one plain folder name
+        check_name(name, "dataset name")
+    if out is not None:  # `--out /`, `--out ..` or a hidden folder: never a dataset's own
+        check_name(_final_name(out), f"--out {out}: folder name")
     enc = encoding if encoding is not None else load_gpt2_encoding()
     tokenizer = bpe_meta(enc)
     if tokenizer["eos_token"] is None:
@@ -324,10 +335,10 @@ def _run(units, enc, settings, store, workers, address, connect) -> list[dict]:
 
     import ray
 
-    from raygpt import storage
+    from raygpt.cluster import storage_check
 
     connect(address, dashboard=False)
-    storage.preflight(store)  # shards are written from every node: it must be shared
+    storage_check.preflight(store)  # shards are written from every node: it must be shared
     store.write_bytes(store.path(ENCODING_FILE), json.dumps(encoding_to_json(enc)).encode())
     # Ray Data's own progress lines would bury the per-unit ones printed below.
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -90,7 +90,7 @@ def list_inputs(patterns: list[str], input_format: str = "auto") -> list[InputFi
         raise UserError(f"unknown input format {input_format!r}; use auto, {', '.join(FORMATS)}")
     if not patterns:
         raise UserError("no --input given; pass files, folders or globs of Parquet/JSONL/text")
-    found: dict[tuple[str, str], InputFile] = {}
+    found: dict[tuple[str, str, str], InputFile] = {}
     for pattern in patterns:
         body, query = _split_query(pattern)
         parts = body.split("/")
@@ -137,7 +137,10 @@ def list_inputs(patterns: list[str], input_format: str = "auto") -> list[InputFi
                 )
             if fmt == "parquet" and compression:
                 raise UserError(f"{shown}: a Parquet file compresses itself; give it unwrapped")
-            found[(store.uri, i.path)] = InputFile(
+            # Keyed by filesystem and path, not by store: a file named directly and the
+            # folder holding it are two stores of one file.
+            scheme = body.partition("://")[0] if "://" in body else "file"
+            found[(scheme, query, i.path)] = InputFile(
                 store.uri, i.path, shown, int(i.size), int(i.mtime_ns or 0), fmt, compression
             )
     return [found[k] for k in sorted(found, key=lambda k: (found[k].display, k))]

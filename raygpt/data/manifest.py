@@ -14,9 +14,8 @@ Three kinds of folder load, locally or on object storage (s3://, gs://):
 
 `load_meta` turns any of them into one flat dict (`dataset`, `tokenizer`,
 `vocab_size`, `dtype`, `train_tokens`, `val_tokens`, `shards`, ...), checking every
-shard's header and size. sha256s are checked when the shards are local and small
-enough to hash in a moment (`VERIFY_LIMIT_BYTES`); `python -m raygpt.data verify`
-checks them at any size.
+shard's header and size. sha256s are checked for local shards small enough to hash in
+a moment (`VERIFY_LIMIT_BYTES`); `python -m raygpt.data verify` checks any size.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from raygpt.data.common import SPLITS, TOKENIZERS, one_line
+from raygpt.data.common import GPT2_VOCAB_SIZE, LLAMA3_VOCAB_SIZE, SPLITS, TOKENIZERS, one_line
 from raygpt.data.shards import (
     HEADER_BYTES,
     MAGIC,
@@ -47,8 +46,6 @@ FORMAT_VERSION = 1
 RECEIPTS = "receipts"  # per-work-unit records of an unfinished (or finished) prepare_corpus
 SHARD_NAME = re.compile(r"^(train|val)_(\d{6})\.bin$")
 VERIFY_LIMIT_BYTES = 256 << 20
-GPT2_VOCAB_SIZE = 50257
-LLAMA3_VOCAB_SIZE = 128256
 
 _verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) hashed in this process
 
@@ -157,7 +154,8 @@ class Location:
 
 
 def _prepare_hint(location: Location) -> str:
-    from raygpt.data.sources import CORPORA, DATASETS
+    from raygpt.data.hub_corpora import CORPORA
+    from raygpt.data.sources import DATASETS
 
     name = location.root.rstrip("/").rsplit("/", 1)[-1]
     if name in DATASETS or name in CORPORA:

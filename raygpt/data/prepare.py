@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from raygpt.config.choices import check_bpe_vocab_size
 from raygpt.data.cache import data_root, discard, file_lock, safe_name
 from raygpt.data.common import BPE_FILE, DEFAULT_DATASET, DEFAULT_VAL_FRACTION, TOKENIZERS
+from raygpt.data.hub_corpora import CORPORA
 from raygpt.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -34,11 +36,10 @@ from raygpt.data.manifest import (
     versions,
 )
 from raygpt.data.shards import write_shard
-from raygpt.data.sources import CORPORA, DATASETS, Source, read_data_file
+from raygpt.data.sources import DATASETS, Source, read_data_file
 from raygpt.data.tokenizers import (
     BPETokenizer,
     _tokenize,
-    check_bpe_vocab_size,
     load_gpt2_encoding,
     train_bpe,
 )

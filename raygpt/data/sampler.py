@@ -5,6 +5,11 @@ spans a shard boundary is read from both. Local shards are memory-mapped and rem
 ones (s3://, gs://) read with ranged reads, so a corpus is never loaded whole. With
 one shard per split (the small datasets) the windows, and so the batches, are exactly
 those of raygpt's earlier flat train.bin/val.bin.
+
+On object storage each request costs tens of milliseconds before its first byte, so
+a step's windows (all its micro-batches, `BatchSampler.get_step`) are read together:
+the windows of each shard coalesce into as few ranged reads as their gaps allow, and
+those run at once on one thread pool that the split keeps until `close()`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from raygpt.data.manifest import load_meta
 from raygpt.errors import UserError
 
 EVAL_EPOCH = 2**32 - 1  # epoch id of the fixed evaluation permutation
-_REMOTE_READERS = 16  # concurrent ranged reads per batch on object storage
+_REMOTE_READERS = 16  # concurrent ranged reads on object storage, one pool per split
+# Windows of a shard less than this apart are one ranged read, the gap read and dropped:
+# a request's latency on object storage costs more than a megabyte of transfer.
+_COALESCE_GAP_BYTES = 1 << 20
+# The largest span one read covers, so that a step's reads of a dense shard still run
+# in parallel rather than as one long transfer.
+_MAX_READ_BYTES = 16 << 20
 
 
 class TokenSplit:
@@ -40,9 +51,19 @@ class TokenSplit:
         self._maps: dict[int, np.ndarray] = {}
         self._files: dict[int, Any] = {}
         self._fs: Any = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}, "_files": {}, "_fs": None}
+        return {**self.__dict__, "_maps": {}, "_files": {}, "_fs": None, "_pool": None}
+
+    def close(self) -> None:
+        """Stop the read threads and close the open shards (a later read reopens them)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
 
     def _memmap(self, i: int) -> np.ndarray:
         if i not in self._maps:
@@ -52,33 +73,42 @@ class TokenSplit:
             )
         return self._maps[i]
 
-    def _remote(self, i: int, start: int, n: int) -> np.ndarray:
+    def _open(self, i: int) -> Any:
+        """Shard i of a remote split, opened once (pyarrow's read_at is thread-safe)."""
         if self._fs is None:
             from raygpt import storage
 
             self._fs = storage.resolve(self.location, check=False).fs
         if i not in self._files:
             self._files[i] = self._fs.open_input_file(self.shards[i]["path"])
+        return self._files[i]
+
+    def _remote(self, i: int, start: int, n: int) -> np.ndarray:
         size = self.dtype.itemsize
-        raw = self._files[i].read_at(n * size, self.shards[i]["offset"] + start * size)
+        raw = self._open(i).read_at(n * size, self.shards[i]["offset"] + start * size)
         return np.frombuffer(raw, dtype=self.dtype)
 
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Tokens [start, start + n) of the split, across shard boundaries."""
+    def _pieces(self, start: int, n: int) -> list[tuple[int, int, int]]:
+        """(shard, start in it, count) of tokens [start, start + n) of the split."""
         if start < 0 or start + n > self.n_tokens:
             raise IndexError(f"tokens [{start}, {start + n}) outside 0..{self.n_tokens}")
         pieces = []
         i = int(np.searchsorted(self.bounds, start, side="right")) - 1
         while n > 0:
-            lo = start - int(self.bounds[i])
             take = min(n, int(self.bounds[i + 1]) - start)
             if take > 0:
-                if self.local:
-                    pieces.append(self._memmap(i)[lo : lo + take])
-                else:
-                    pieces.append(self._remote(i, lo, take))
+                pieces.append((i, start - int(self.bounds[i]), take))
             start, n, i = start + take, n - take, i + 1
+        return pieces
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of the split, across shard boundaries."""
+        read = self._memmap_slice if self.local else self._remote
+        pieces = [read(i, lo, take) for i, lo, take in self._pieces(start, n)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _memmap_slice(self, i: int, start: int, n: int) -> np.ndarray:
+        return self._memmap(i)[start : start + n]
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """int64 array (len(starts), length): the windows at `starts`."""
@@ -87,16 +117,60 @@ class TokenSplit:
             idx = starts[:, None] + np.arange(length, dtype=np.int64)
             return np.asarray(self._memmap(0)[idx], dtype=np.int64)
         out = np.empty((len(starts), length), dtype=np.int64)
-        if self.local or len(starts) == 1:
+        if self.local:
             for row, s in enumerate(starts.tolist()):
                 out[row] = self.read(s, length)
+            return out
+        reads = self._coalesced_reads(starts, length)
+        if not reads:
+            return out
+        for i in sorted({shard for shard, _, _, _ in reads}):
+            self._open(i)  # here, not racing in the pool's threads
+
+        def fetch(read: tuple[int, int, int, list]) -> np.ndarray:
+            return self._remote(*read[:3])
+
+        if len(reads) == 1:
+            buffers = [fetch(reads[0])]
         else:
-            with ThreadPoolExecutor(min(_REMOTE_READERS, len(starts))) as pool:
-                for row, tokens in enumerate(
-                    pool.map(lambda s: self.read(s, length), starts.tolist())
-                ):
-                    out[row] = tokens
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_REMOTE_READERS, thread_name_prefix="raygpt-read")
+            buffers = self._pool.map(fetch, reads)
+        for (_, lo, _, members), tokens in zip(reads, buffers, strict=True):
+            for piece_lo, take, row, col in members:
+                out[row, col : col + take] = tokens[piece_lo - lo : piece_lo - lo + take]
         return out
+
+    def _coalesced_reads(
+        self, starts: np.ndarray, length: int
+    ) -> list[tuple[int, int, int, list[tuple[int, int, int, int]]]]:
+        """The ranged reads that cover the windows at `starts`: (shard, start, count,
+        members), each member a (start in the shard, count, row, column) piece of a window.
+
+        A shard's pieces, in offset order, share a read while the gap to the next is
+        under _COALESCE_GAP_BYTES and the read stays within _MAX_READ_BYTES."""
+        by_shard: dict[int, list[tuple[int, int, int, int]]] = {}
+        for row, s in enumerate(starts.tolist()):
+            col = 0
+            for i, lo, take in self._pieces(s, length):
+                by_shard.setdefault(i, []).append((lo, take, row, col))
+                col += take
+        gap = _COALESCE_GAP_BYTES // self.dtype.itemsize
+        cap = _MAX_READ_BYTES // self.dtype.itemsize
+        reads = []
+        for i, pieces in sorted(by_shard.items()):
+            pieces.sort()
+            lo, hi, members = pieces[0][0], pieces[0][0] + pieces[0][1], [pieces[0]]
+            for piece in pieces[1:]:
+                end = piece[0] + piece[1]
+                if piece[0] - hi <= gap and max(hi, end) - lo <= cap:
+                    hi = max(hi, end)
+                    members.append(piece)
+                    continue
+                reads.append((i, lo, hi - lo, members))
+                lo, hi, members = piece[0], end, [piece]
+            reads.append((i, lo, hi - lo, members))
+        return reads
 
     def whole(self) -> np.ndarray:
         """The whole split in memory (a local single shard: its memmap). For small data."""
@@ -239,6 +313,17 @@ class BatchSampler:
         starts = self.sample_indices(step, rank, micro_step, micro_batch, world_size, grad_accum)
         return self._windows(starts)
 
+    def get_step(
+        self, step: int, rank: int, micro_batch: int, world_size: int, grad_accum: int
+    ) -> list[tuple[Any, Any]]:
+        """This rank's grad_accum micro-batches of one step, in order: get_batch's for each
+        micro-step, read together (on object storage, one batch of coalesced reads)."""
+        starts = [
+            self.sample_indices(step, rank, m, micro_batch, world_size, grad_accum)
+            for m in range(grad_accum)
+        ]
+        return _split(self._windows(np.concatenate(starts)), micro_batch)
+
     def _eval_pass(self, p: int) -> tuple[np.ndarray, int]:
         """Permutation and shift of pass p over the split's windows for evaluation."""
         key = [self.seed, EVAL_EPOCH, self.split_id]
@@ -281,16 +366,31 @@ class BatchSampler:
     def eval_batches(
         self, eval_iters: int, micro_batch: int, rank: int, world_size: int
     ) -> list[tuple[Any, Any]]:
-        """The fixed evaluation batches of this rank: eval_iters (x, y) pairs."""
-        return [
-            self._windows(s) for s in self.eval_indices(eval_iters, micro_batch, rank, world_size)
-        ]
+        """The fixed evaluation batches of this rank: eval_iters (x, y) pairs, read together."""
+        starts = self.eval_indices(eval_iters, micro_batch, rank, world_size)
+        return _split(self._windows(np.concatenate(starts)), micro_batch)
+
+    def close(self) -> None:
+        """Release the split's read threads and open shards (reads after it reopen them)."""
+        self.tokens.close()
+
+    def __enter__(self) -> BatchSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (
             f"BatchSampler({str(self.dataset_dir)!r}, {self.split!r}, "
             f"block_size={self.block_size}, seed={self.seed})"
         )
+
+
+def _split(batch: tuple[Any, Any], rows: int) -> list[tuple[Any, Any]]:
+    """(x, y) of several micro-batches stacked, as one (x, y) per `rows` rows."""
+    x, y = batch
+    return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
 
 
 def _compact(perm: np.ndarray) -> np.ndarray:

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from raygpt.data.common import BPE_MIN_VOCAB_SIZE, EOT, one_line
+from raygpt.config.choices import check_bpe_vocab_size
+from raygpt.data.common import EOT, one_line
 from raygpt.data.shards import choose_dtype
 from raygpt.errors import UserError
 
 GPT2_VOCAB_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
 GPT2_ENCODER_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
-GPT2_VOCAB_SIZE = 50257
 GPT2_LOAD_TIMEOUT_S = 120.0  # whole vocabulary download, once connectivity is confirmed
 GPT2_PROBE_TIMEOUT_S = 5.0  # connectivity check before handing over to tiktoken
 
@@ -299,23 +299,6 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-def check_bpe_vocab_size(vocab_size: int | None) -> int:
-    """The vocabulary size a trained BPE may have, or a UserError naming the value."""
-    if vocab_size is None:
-        raise UserError(
-            f"--tokenizer bpe trains a BPE on the data and needs its size: pass --vocab-size N "
-            f"(N >= {BPE_MIN_VOCAB_SIZE}; GPT-2 has 50257)"
-        )
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise UserError(f"vocab_size={vocab_size!r} must be an integer >= {BPE_MIN_VOCAB_SIZE}")
-    if vocab_size < BPE_MIN_VOCAB_SIZE:
-        raise UserError(
-            f"vocab_size={vocab_size} is too small for a byte-level BPE, which holds the 256 "
-            f"byte values plus {EOT}; use --vocab-size {BPE_MIN_VOCAB_SIZE} or more"
-        )
-    return vocab_size
 
 
 def train_bpe(documents: Sequence[str], vocab_size: int) -> BPETokenizer:

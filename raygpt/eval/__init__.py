@@ -1,0 +1,1 @@
+"""Evaluation: HellaSwag and perplexity, during training and `python -m raygpt.eval`."""

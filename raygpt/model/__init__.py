@@ -1,0 +1,1 @@
+"""The GPT, its loading from checkpoints and Hugging Face, and text generation."""

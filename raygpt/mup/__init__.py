@@ -1,0 +1,1 @@
+"""muP tools: the coordinate check of a parametrization (`python -m raygpt.mup`)."""

@@ -1,0 +1,1 @@
+"""Training: one loop for every rank, and `python -m raygpt.train`, which runs it."""

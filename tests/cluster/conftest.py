@@ -1,0 +1,99 @@
+"""The multi-node drill, run once for the tests that read it: a Ray cluster of a CPU-less
+head and two 1-CPU nodes (tests/cluster/drills/two_nodes.py) trains across nodes onto S3,
+sweeps on both, then loses the node that hosts a run's worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from s3server import TEST_BUCKET, s3_uri
+
+
+@dataclass(frozen=True)
+class Drill:
+    result: dict  # the drill's JSON line
+    output: str  # its stdout and stderr
+    s3_storage: str  # where the cross-node runs and the sweep wrote
+    local_dir: Path  # where the node-loss run wrote
+
+
+@pytest.fixture(scope="session")
+def two_node_drill(s3_endpoint, data_dir, tmp_path_factory) -> Drill:
+    storage = s3_uri(s3_endpoint, TEST_BUCKET, f"drill-{uuid.uuid4().hex[:12]}")
+    local_dir = tmp_path_factory.mktemp("node-loss")
+    env = {**os.environ, "RAYGPT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    drill = subprocess.run(
+        [sys.executable, str(REPO / "tests/cluster/drills/two_nodes.py"), storage, str(local_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=700,
+    )  # fmt: skip
+    assert drill.returncode == 0, drill.stderr[-4000:] + drill.stdout[-2000:]
+    # Ray may print worker lines after it; the drill's own line is the JSON object.
+    result = json.loads(next(x for x in drill.stdout.splitlines()[::-1] if x.startswith("{")))
+    return Drill(result, drill.stdout + drill.stderr, storage, local_dir)
+
+
+# How long a finished test's actors and placement groups get to release the session
+# cluster's CPUs (Ray frees them asynchronously) before the guard removes them.
+RELEASE_WAIT_S = 60.0
+
+
+@pytest.fixture(autouse=True)
+def session_cluster_released(request):
+    """After each test on the session's cluster, every CPU is free again.
+
+    A test that leaves an actor or placement group holding CPUs would make every later
+    worker group wait: the guard removes them, so the rest of the suite runs, and warns
+    with the test's name and what it left."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import time
+    import warnings
+
+    import ray
+    from ray.util import state
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+
+    def released(within_s: float) -> bool:
+        deadline = time.monotonic() + within_s
+        while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return ray.available_resources().get("CPU", 0) >= total
+
+    if released(RELEASE_WAIT_S):
+        return
+    held = ray.available_resources().get("CPU", 0)
+    left = []
+    for actor in state.list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        if (actor.required_resources or {}).get("CPU"):
+            left.append(f"actor {actor.class_name} {actor.required_resources}")
+            if actor.name:  # an anonymous actor goes with its placement group, below
+                ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace))
+    for group in state.list_placement_groups(filters=[("state", "=", "CREATED")]):
+        left.append(f"placement group {group.placement_group_id}")
+        ray.util.remove_placement_group(_placement_group(group.placement_group_id))
+    freed = released(RELEASE_WAIT_S)
+    warnings.warn(
+        f"{request.node.nodeid} left the session cluster with {held:g} of {total:g} CPU "
+        f"free after {RELEASE_WAIT_S:g} s; removed {left or 'nothing it could find'}"
+        + ("" if freed else "; the CPUs are still held"),
+        stacklevel=1,
+    )
+
+
+def _placement_group(group_id: str):
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(PlacementGroupID.from_hex(group_id))
