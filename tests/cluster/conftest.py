@@ -50,8 +50,9 @@ def session_cluster_released(request):
     """After each test on the session's cluster, every CPU is free again.
 
     A test that leaves an actor or placement group holding CPUs would make every later
-    worker group wait: the guard removes them, so the rest of the suite runs, and warns
-    with the test's name and what it left."""
+    worker group wait: the guard removes them (or, when nothing Ray can name holds them,
+    restarts the cluster), so the rest of the suite runs, and warns with the test's name
+    and what it left."""
     yield
     if "ray_cluster" not in request.fixturenames:
         return
@@ -84,12 +85,26 @@ def session_cluster_released(request):
         left.append(f"placement group {group.placement_group_id}")
         ray.util.remove_placement_group(_placement_group(group.placement_group_id))
     freed = released(RELEASE_WAIT_S)
-    warnings.warn(
+    if not freed:
+        # Nothing holds them that Ray can name: the raylet lost count of a lease (a
+        # worker killed mid-task). A fresh cluster serves the rest of the suite; the
+        # tests reach it through the same `ray` module.
+        from raygpt.cluster import connect
+
+        ray.shutdown()
+        connect.connect("local")
+    message = (
         f"{request.node.nodeid} left the session cluster with {held:g} of {total:g} CPU "
         f"free after {RELEASE_WAIT_S:g} s; removed {left or 'nothing it could find'}"
-        + ("" if freed else "; the CPUs are still held"),
-        stacklevel=1,
+        + ("" if freed else "; the CPUs stayed held, so the session's cluster was restarted")
     )
+    # Now, on the console, and again in the warnings summary at the end.
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n--- {message}")
+    warnings.warn(message, stacklevel=1)
 
 
 def _placement_group(group_id: str):

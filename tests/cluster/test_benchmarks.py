@@ -97,6 +97,39 @@ def test_sweep_grid_vs_optuna_counts_rung_cooldown_steps(
     assert bad.returncode == 2 and len(lines) == 1 and "no cooled val" in lines[0], bad.stderr
 
 
+def test_lr_transfer_fits_proxies_predicts_and_checks_against_a_direct_sweep(
+    cluster_env, text_file, tmp_path
+):
+    out, storage = tmp_path / "transfer.json", tmp_path / "results"
+    # The experiment file the figures come from, shrunk: 3 learning rates, 10 steps.
+    run([BENCH / "lr_transfer.py", "--data-file", text_file, "--parametrizations", "mup",
+         "--proxies", "16,32,48", "--target", "64", "--direct", "64", "--direct-seeds", "1",
+         "--storage-path", storage, "--json", out, "--",
+         "--n-head", "2", "--block-size", "16", "--batch-size", "4", "--max-steps", "10",
+         "--lr-decay-steps", "10", "--warmup-steps", "2", "--eval-interval", "10",
+         "--eval-iters", "2", "--grid-points", "3", "--seeds", "1", "--mup-base-width", "16",
+         "--lr-range", "adamw=4e-3:6.4e-2", "--max-concurrent-trials", "2"], cluster_env)  # fmt: skip
+    record = json.loads(out.read_text())
+    (width,) = record["width"]
+    assert width["parametrization"] == "mup" and width["axis"] == "n_embd"
+    assert [p["size"] for p in width["proxies"]] == [16, 32, 48]
+    assert all(p["device_seconds"] > 0 for p in width["proxies"])
+    (direct,) = record["direct"]
+    assert direct["size"] == 64 and direct["trials"] == 3 and direct["device_seconds"] > 0
+    assert 4e-3 <= direct["lr"] <= 6.4e-2
+    checks = record["checks"]["mup"]
+    proxies = {p["size"]: p["lr"] for p in width["proxies"]}
+    assert checks["widest_vs_narrowest"] == pytest.approx(proxies[48] / proxies[16])
+    spent = sum(p["device_seconds"] for p in width["proxies"])
+    if width["prediction"]["lr"] is not None:
+        assert checks["cost_fraction"] == pytest.approx(spent / direct["device_seconds"])
+        assert checks["prediction_vs_direct"] == pytest.approx(
+            width["prediction"]["lr"] / direct["lr"]
+        )
+    assert (storage / "transfer-mup" / "transfer.png").exists()
+    assert (storage / "direct-mup-n_embd=64" / "trials.parquet").exists()
+
+
 def test_checkpoint_upload(env, address, tmp_path):
     out = tmp_path / "ckpt.json"
     # One pair on S3 (each worker-group run costs ~15 s on 2 cores); the order of a
