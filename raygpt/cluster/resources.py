@@ -128,10 +128,13 @@ def is_start_timeout(err: BaseException) -> bool:
     return False
 
 
-def start_timeout_error(num_workers: int, cpus_per_worker: float, start_timeout_s: float):
+def start_timeout_error(
+    num_workers: int, cpus_per_worker: float, gpus_per_worker: float, start_timeout_s: float
+) -> UserError:
     cpu, gpu = _free()
     return UserError(
-        f"the worker group ({_asked(num_workers, cpus_per_worker, 0)}) could not start "
+        f"the worker group ({_asked(num_workers, cpus_per_worker, gpus_per_worker)}) could "
+        "not start "
         f"within {start_timeout_s:g} s: the cluster has {cpu:g} CPU and {gpu:g} GPU free; "
         "stop what holds them (`ray status`), lower --num-workers/--cpus-per-worker, or "
         "raise --start-timeout-s (0: wait forever)"

@@ -96,7 +96,7 @@ def _run(cfg: TrainConfig, held: contextlib.ExitStack) -> dict[str, Any]:
     else:
         gpus = 1 if use_gpu else 0
         resources.announce_wait(cfg.num_workers, cfg.cpus_per_worker, gpus, cfg.start_timeout_s)
-        result = _fit(torch_trainer, cfg)
+        result = _fit(torch_trainer, cfg, gpus)
     finished = time.perf_counter()
     final = result.metrics or {}
     if cfg.eval_only and not final:  # Ray keeps only reports with a checkpoint; it has none
@@ -124,7 +124,7 @@ def _run(cfg: TrainConfig, held: contextlib.ExitStack) -> dict[str, Any]:
     return summary
 
 
-def _fit(torch_trainer, cfg: TrainConfig) -> Any:
+def _fit(torch_trainer, cfg: TrainConfig, gpus_per_worker: float) -> Any:
     try:
         return torch_trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface ours as one line
@@ -132,7 +132,7 @@ def _fit(torch_trainer, cfg: TrainConfig) -> Any:
             raise user_error from None
         if resources.is_start_timeout(err):
             raise resources.start_timeout_error(
-                cfg.num_workers, cfg.cpus_per_worker, cfg.start_timeout_s
+                cfg.num_workers, cfg.cpus_per_worker, gpus_per_worker, cfg.start_timeout_s
             ) from None
         raise
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
 
 # Fault injection for the reliability tests and for drills on a real cluster:
 # RAYGPT_FAIL_AT="RANK:STEP[:MODE[:OPTIMIZER]]" makes that rank fail after STEP
 # updates, once: a run resumed from a checkpoint does not fail again. MODE is
-# "exit" (the process dies abruptly, as on a crash or OOM kill; default) or
-# "raise" (the loop raises, as on a bad batch); OPTIMIZER limits it to runs of
-# that optimizer, so one trial of a sweep can fail while the others go on.
+# "exit" (the process dies abruptly, as on a crash or OOM kill; default), "raise"
+# (the loop raises, as on a bad batch) or "stall" (the rank stops for STALL_S, as on
+# a hung filesystem, so a drill can kill the driver while a trial is surely mid-run);
+# OPTIMIZER limits it to runs of that optimizer, so one trial of a sweep can fail
+# while the others go on.
 FAIL_AT_ENV = "RAYGPT_FAIL_AT"
+STALL_S = 300.0
 
 
 def maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> None:
@@ -28,4 +32,7 @@ def maybe_inject_fault(rank: int, step: int, resumed: bool, optimizer: str) -> N
     print(f"[raygpt] fault injection: rank {rank} fails ({mode}) at step {step}", flush=True)
     if mode == "raise":
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+    if mode == "stall":
+        time.sleep(STALL_S)
+        return
     os._exit(1)
