@@ -168,6 +168,15 @@ ITEMS = [
 ]
 
 
+class TuneTrial:
+    """What the sweep's Tune callbacks read of a Tune trial: its id, config and checkpoint."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id = trial_id
+        self.config = config
+        self.checkpoint = None
+
+
 def write_jsonl(path: Path, items: list[dict]) -> Path:
     path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
     return path

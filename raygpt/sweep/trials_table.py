@@ -93,6 +93,7 @@ class SweepOutputs(Callback):
         self._started: dict[str, float] = {}
         self._queued: dict[str, float] = {}
         self._last_write = 0.0
+        self._held_back = False  # a throttled write that on_step_end still owes the file
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._KEPT}
@@ -150,8 +151,10 @@ class SweepOutputs(Callback):
     def _write(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self._last_write < self.WRITE_EVERY_S:
+            self._held_back = True
             return
         self._last_write = now
+        self._held_back = False
         rows = [self._trials[k] for k in sorted(self._trials)]
         table = results.pa.Table.from_pylist(rows, schema=results.TRIAL_SCHEMA)
         results.write_table(
@@ -223,6 +226,12 @@ class SweepOutputs(Callback):
         now = time.time()
         for trial in trials:
             self._queued.setdefault(trial.trial_id, now)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # A result the throttle held back reaches the file even when no event follows it:
+        # a trial that stalls after a checkpoint still shows that checkpoint.
+        if self._held_back:
+            self._write()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._queued.setdefault(trial.trial_id, time.time())

@@ -23,9 +23,11 @@ TINY = [
 ]  # fmt: skip
 
 
-# Per trial of the killed-driver sweep: long enough (about 15 s a trial) that the poll of
-# trials.parquet, rewritten every 5 s, sees the second trial running with a checkpoint.
-KILLED_STEPS = 600
+# The killed-driver sweep: an adamw trial, then an sgd trial that stalls after its
+# checkpoint at step 30 (and only in its first attempt), so the driver is surely killed
+# while that trial is mid-run with a checkpoint to resume from.
+KILLED_STEPS = 100
+STALL_AT = "0:35:stall:sgd"
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -54,26 +56,26 @@ def test_killed_sweep_driver_resumes_without_loss_or_duplicates(
     # cluster does.
     args = [
         sys.executable, "-m", "raygpt.sweep", *TINY, "--max-steps", str(KILLED_STEPS),
-        "--optimizers", "adamw", "--search", "grid", "--grid-points", "2",
-        "--lr-range", "adamw=1e-3:4e-3", "--scheduler", "fifo",
+        "--optimizers", "adamw,sgd", "--search", "grid", "--grid-points", "1",
+        "--scheduler", "fifo",
         "--max-concurrent-trials", "1", "--name", "killed", "--storage-path", s3_storage,
         "--address", ray_cluster.get_runtime_context().gcs_address,
     ]  # fmt: skip
     sweep_uri = _under(s3_storage, "killed")
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(
-        args, cwd=REPO, env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        args, cwd=REPO, env={**_env(data_dir), FAIL_AT_ENV: STALL_AT}, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     # Kill the driver once one trial is complete and the next has checkpointed.
-    deadline = time.time() + 300
+    deadline = time.time() + 240
     victim = None
     while time.time() < deadline and driver.poll() is None:
         trials = _trials(sweep_uri)
         done = [t for t in trials if t["status"] == "completed"]
         running = [t for t in trials if t["status"] == "running"]
         # A one-worker trial checkpoints to Tune, which names the latest in the table.
-        if done and running and running[0]["checkpoint_path"]:
+        if done and running and running[0]["checkpoint_path"] and running[0]["steps"] >= 30:
             victim = running[0]["trial_id"]
             break
         time.sleep(0.5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import TuneTrial
 from conftest import REPO
 
 from raygpt import results, storage
@@ -121,15 +122,6 @@ def test_an_old_trials_table_reads_with_nulls(tmp_path):
     assert "n/a FLOPs, n/a device-hours, cost n/a" in report_summary.format_summary(summary)
 
 
-class _Trial:
-    """What the callback reads of a Tune trial."""
-
-    def __init__(self, trial_id: str, config: dict):
-        self.trial_id = trial_id
-        self.config = config
-        self.checkpoint = None
-
-
 def _step_part(store, sweep_path: str, trial_id: str, steps: int, tokens_per_step: int) -> None:
     rows = [
         {
@@ -162,7 +154,7 @@ def test_trials_table_fills_the_compute_columns(tmp_path):
         workers=2,
         gpus_per_worker=0.5,
     )
-    trial = _Trial("t1", {"optimizer": "adamw", "learning_rate": 1e-3, "n_embd": 96})
+    trial = TuneTrial("t1", {"optimizer": "adamw", "learning_rate": 1e-3, "n_embd": 96})
     outputs.on_trial_start(0, [trial], trial)
     record = outputs.records()[0]
     # From the config until the model reports: the trial's own n_embd over the base's.
