@@ -3,14 +3,16 @@
     python benchmarks/lr_transfer.py --data-file ../shared/data/tinyshakespeare.txt \
         [--experiment experiments/shakespeare_char_transfer.toml] [--parametrizations mup,sp] \
         [--proxies 32,64,128] [--target 512] [--direct 512] [--direct-seeds 2] \
-        [--depths 2,4,8 --depth-target 16 --depth-width 64] [--storage-path DIR] [--json OUT] \
+        [--depths 2,4,8 --depth-target 16 --depth-width 64 [--depth-direct]] \
+        [--storage-path DIR] [--json OUT] \
         [-- EXTRA SWEEP FLAGS]
 
 For each parametrization: a transfer sweep (`raygpt.sweep --transfer n_embd=PROXIES
 --target n_embd=TARGET`) fits the best learning rate at each proxy width and predicts the
 target's; a direct sweep of the same grid at each --direct width finds its best lr by the
 same fit (raygpt/report/transfer/fit.py). With --depths, a CompleteP transfer across depth
-at --depth-width too. Every sweep runs in this process on one Ray cluster.
+at --depth-width too, and with --depth-direct a direct sweep at --depth-target to check
+its prediction against. Every sweep runs in this process on one Ray cluster.
 
 The checks: under mup, the best lr at the widest proxy within a factor 2 (one grid step)
 of the narrowest's; the prediction for the target within 1.5x of the direct sweep's best
@@ -75,6 +77,7 @@ def run_direct(common: list[str], param: str, key: str, size: int, seeds: int) -
     best = fit.best_lr(lrs, losses, label=f"{optimizer} at {key}={size}")
     return {
         "parametrization": param,
+        "key": key,
         "size": size,
         "lr": best.lr,
         "low": best.low,
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="", help="CompleteP proxies across depth, e.g. 2,4,8")
     p.add_argument("--depth-target", type=int, default=16)
     p.add_argument("--depth-width", type=int, default=64)
+    p.add_argument("--depth-direct", action="store_true", help="sweep --depth-target directly")
     p.add_argument("--storage-path", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more sweep flags")
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         a.experiment, "--data-file", a.data_file, "--storage-path", where, "--overwrite",
         *extra,
     ]  # fmt: skip
-    record: dict[str, Any] = {"width": [], "direct": [], "depth": None, "checks": {}}
+    record: dict[str, Any] = {
+        "width": [], "direct": [], "depth": None, "depth_direct": [], "checks": {},
+    }  # fmt: skip
 
     def save() -> None:
         if a.json:
@@ -154,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             "transfer-completep-depth",
         )  # fmt: skip
         save()
+        if a.depth_direct:
+            record["depth_direct"].append(
+                run_direct(depth_common, "completep", "n_layer", a.depth_target, a.direct_seeds)
+            )
+            record["checks"]["completep-depth"] = checks(
+                record["depth"], record["depth_direct"], "completep", a.depth_target
+            )
+            save()
 
     print(f"\n{'parametrization':<16}{'size':>8}{'best lr':>10}{'90% interval':>24}"
           f"{'device-s':>10}  kind")  # fmt: skip
@@ -168,16 +182,16 @@ def main(argv: list[str] | None = None) -> int:
             band = f"{fit.sci(pr['low'])}..{fit.sci(pr['high'])}"
             print(f"{found['parametrization']:<16}{'target':>8}{fit.sci(pr['lr']):>10}"
                   f"{band:>24}{'':>10}  prediction")  # fmt: skip
-    for d in record["direct"]:
+    for d in [*record["direct"], *record["depth_direct"]]:
         band = f"{fit.sci(d['low'])}..{fit.sci(d['high'])}"
-        print(f"{d['parametrization']:<16}{'n_embd=' + str(d['size']):>8}{fit.sci(d['lr']):>10}"
+        print(f"{d['parametrization']:<16}{d['key'] + '=' + str(d['size']):>8}{fit.sci(d['lr']):>10}"
               f"{band:>24}{d['device_seconds']:>10.0f}  direct sweep"
               f"{' (edge: ' + d['edge'] + ')' if d['edge'] else ''}")  # fmt: skip
     print()
     for param, c in record["checks"].items():
         shift = c["widest_vs_narrowest"]
         parts = [f"best lr widest/narrowest proxy {shift:.2f}x" if shift else "no proxies"]
-        if param == "mup" and shift:
+        if param in ("mup", "completep-depth") and shift:
             parts[-1] += f" (target within {TARGETS['mup_widest_vs_narrowest']:g}x)"
         if c["prediction_vs_direct"] is not None:
             parts.append(f"prediction/direct best {c['prediction_vs_direct']:.2f}x "
