@@ -1,6 +1,6 @@
 """Learning-rate transfer across width, against direct sweeps at the target, in one run.
 
-    python benchmarks/lr_transfer.py --data-file ../shared/data/tinyshakespeare.txt \
+    python benchmarks/lr_transfer.py [--data-file ../shared/data/tinyshakespeare.txt] \
         [--experiment experiments/shakespeare_char_transfer.toml] [--parametrizations mup,sp] \
         [--proxies 32,64,128] [--target 512] [--direct 512] [--direct-seeds 2] \
         [--depths 2,4,8 --depth-target 16 --depth-width 64 [--depth-direct]] \
@@ -30,6 +30,7 @@ from typing import Any
 
 from raygpt import results, storage
 from raygpt.report.transfer import fit
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.sweep import transfer
 
@@ -43,7 +44,7 @@ def _rows(folder: str, file: str) -> list[dict[str, Any]]:
 
 def run_transfer(common: list[str], param: str, axis: str, target: str, name: str) -> dict:
     args = [*common, "--parametrization", param, "--transfer", axis, "--target", target]
-    sweep_cfg, train_cfg = sweep_driver.configs_from_argv([*args, "--name", name])
+    sweep_cfg, train_cfg = sweep_cli.configs_from_argv([*args, "--name", name])
     outcome = transfer.run(
         sweep_cfg, train_cfg, sweep_driver.run, sweep_driver.check_found_something
     )
@@ -71,7 +72,7 @@ def run_transfer(common: list[str], param: str, axis: str, target: str, name: st
 def run_direct(common: list[str], param: str, key: str, size: int, seeds: int) -> dict:
     args = [*common, "--parametrization", param, f"--{key.replace('_', '-')}", str(size)]
     args += ["--seeds", str(seeds), "--name", f"direct-{param}-{key}={size}"]
-    summary = sweep_driver.run(*sweep_driver.configs_from_argv(args))
+    summary = sweep_driver.run(*sweep_cli.configs_from_argv(args))
     trials = _rows(summary["sweep_dir"], results.TRIALS_FILE)
     ((optimizer, (lrs, losses)),) = fit.usable_trials(trials).items()
     best = fit.best_lr(lrs, losses, label=f"{optimizer} at {key}={size}")
@@ -112,7 +113,9 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="experiments/shakespeare_char_transfer.toml")
-    p.add_argument("--data-file", required=True)
+    p.add_argument(
+        "--data-file", default=None, help="the text to train on (default: the experiment's dataset)"
+    )
     p.add_argument("--parametrizations", default="mup,sp")
     p.add_argument("--proxies", default="32,64,128")
     p.add_argument("--target", type=int, default=512)
@@ -128,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     where = a.storage_path or tempfile.mkdtemp(prefix="raygpt-transfer-bench-")
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
-    common = [
-        a.experiment, "--data-file", a.data_file, "--storage-path", where, "--overwrite",
-        *extra,
-    ]  # fmt: skip
+    data = ["--data-file", a.data_file] if a.data_file else []
+    common = [a.experiment, *data, "--storage-path", where, "--overwrite", *extra]
     record: dict[str, Any] = {
         "width": [], "direct": [], "depth": None, "depth_direct": [], "checks": {},
     }  # fmt: skip

@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from raygpt import results, storage
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.train import rung_cooldown
 
@@ -48,7 +49,7 @@ def cooldown_steps(sweep_dir: str, sweep_cfg, train_cfg) -> int:
 
 
 def run_one(label: str, args: list[str]) -> dict:
-    sweep_cfg, train_cfg = sweep_driver.configs_from_argv(args)
+    sweep_cfg, train_cfg = sweep_cli.configs_from_argv(args)
     summary = sweep_driver.run(sweep_cfg, train_cfg)
     wall = summary["sweep_seconds"]
     store = storage.resolve(summary["sweep_dir"], check=False)

@@ -1,7 +1,7 @@
-"""`python -m raygpt.sweep`: see raygpt.sweep.driver."""
+"""`python -m raygpt.sweep`: see raygpt.sweep.cli."""
 
 import sys
 
-from raygpt.sweep.driver import main
+from raygpt.sweep.cli import main
 
 sys.exit(main())

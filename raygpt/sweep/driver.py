@@ -1,4 +1,4 @@
-"""`python -m raygpt.sweep [EXPERIMENT.toml] --optimizers adamw,sgd`: which optimizer, at which lr?
+"""One sweep, as `python -m raygpt.sweep` starts it (raygpt.sweep.cli): which optimizer, at which lr?
 
 Ray Tune decides configs and stops trials; it never trains by itself. Each
 trial is a function trainable that builds a `TorchTrainer` running the same
@@ -25,24 +25,21 @@ lr_sensitivity.png and friends (see raygpt.report).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import sys
 import time
 from typing import Any
 
 from raygpt import results, run_folder, status, storage
 from raygpt.cluster import connect, resources, storage_check
-from raygpt.config.io import OneLineArgumentParser, add_dataclass_flags
-from raygpt.config.train import TrainConfig, add_train_flags
+from raygpt.config.train import TrainConfig
 from raygpt.data import cache
-from raygpt.errors import UserError, exit_on_user_error
+from raygpt.errors import UserError
 from raygpt.redact import redact, redact_config
 from raygpt.storage import Storage
-from raygpt.sweep import transfer, trial
-from raygpt.sweep.config import SWEEP_OWNED_TRAIN_KEYS, SweepConfig, load_configs
+from raygpt.sweep import trial
+from raygpt.sweep.config import SweepConfig
 from raygpt.sweep.live_view import SweepProgress
 from raygpt.sweep.search import build_scheduler, build_search, grid_points
 from raygpt.sweep.trials_table import SweepOutputs
@@ -386,65 +383,3 @@ def check_found_something(summary: dict[str, Any]) -> None:
         f"no trial finished ({described}); see the error lines above and "
         f"{summary.get('sweep_dir')}/trials.parquet"
     )
-
-
-def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(
-        prog="python -m raygpt.sweep",
-        description="Search optimizer x learning rate with Ray Tune (Optuna + ASHA).",
-    )
-    parser.add_argument("experiment", nargs="?", help="experiment TOML ([sweep] table + keys)")
-    add_dataclass_flags(
-        parser,
-        SweepConfig,
-        exclude=("lr_range", "search_space", "verbose", *transfer.FLAG_KEYS),
-        title="sweep keys",
-    )
-    parser.add_argument(
-        "--lr-range",
-        dest="lr_range",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="OPT=LO:HI",
-        help="learning-rate range for one optimizer (repeatable)",
-    )
-    parser.add_argument(
-        "--search-space",
-        dest="search_space",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="KEY=LO:HI[:log]|KEY=a,b,c",
-        help="another TrainConfig key to search, e.g. weight_decay=1e-3:0.3:log (repeatable)",
-    )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        dest="verbose",
-        action="store_const",
-        const="true",
-        default=argparse.SUPPRESS,
-        help="also print every trial's lines and Ray's own output on the console",
-    )
-    transfer.add_flags(parser)
-    add_train_flags(parser, exclude=SWEEP_OWNED_TRAIN_KEYS, title="training keys (per trial)")
-    return parser
-
-
-def configs_from_argv(argv: list[str] | None) -> tuple[SweepConfig, TrainConfig]:
-    args = vars(build_parser().parse_args(argv))
-    experiment = args.pop("experiment")
-    return load_configs(experiment, args)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    sweep, train = configs_from_argv(argv)
-    if sweep.transfer:  # one sweep per proxy size, each checked as a sweep is
-        transfer.check_predicted(transfer.run(sweep, train, run, check_found_something))
-    else:
-        check_found_something(run(sweep, train))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ transfer skips them, resumes the one that was cut short, and runs the rest.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Callable
@@ -247,47 +246,3 @@ def check_predicted(outcome: dict[str, Any]) -> None:
         return
     first = next((line for line in outcome["lines"] if "no prediction" in line), "no optimizer")
     raise UserError(f"the transfer predicts nothing: {first}; see {outcome['transfer_dir']}")
-
-
-# SweepConfig's keys whose flags add_flags declares (the sweep's parser skips them).
-FLAG_KEYS = ("transfer", "target", "confirm", "gpu_hour_price")
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """--gpu-hour-price and the transfer's flags, on the sweep's parser."""
-    parser.add_argument(
-        "--gpu-hour-price",
-        dest="gpu_hour_price",
-        default=argparse.SUPPRESS,
-        metavar="PRICE",
-        help="the price of one GPU-hour: the summary adds the sweep's cost",
-    )
-    group = parser.add_argument_group(
-        "transfer (sweep small proxies, predict the target's learning rate; docs/transfer.md)"
-    )
-    group.add_argument(
-        "--transfer",
-        dest="transfer",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="KEY=a,b,c",
-        help="one sweep per value of a model size key (n_embd, n_layer, n_head), the other "
-        "keys at the experiment's; repeat for another axis (e.g. --transfer n_embd=64,128,256)",
-    )
-    group.add_argument(
-        "--target",
-        dest="target",
-        default=argparse.SUPPRESS,
-        metavar="KEY=N,...",
-        help="with --transfer: the model to predict the learning rate for, e.g. "
-        "n_embd=768,n_layer=12 (keys left out stay at the experiment's)",
-    )
-    group.add_argument(
-        "--confirm",
-        dest="confirm",
-        action="store_const",
-        const="true",
-        default=argparse.SUPPRESS,
-        help="with --transfer: train the target at the prediction and at 2x and 1/2 of it, "
-        "and say whether the prediction was the best of the three",
-    )

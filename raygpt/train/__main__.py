@@ -1,7 +1,7 @@
-"""`python -m raygpt.train`: see raygpt.train.driver."""
+"""`python -m raygpt.train`: see raygpt.train.cli."""
 
 import sys
 
-from raygpt.train.driver import main
+from raygpt.train.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m raygpt.train [EXPERIMENT.toml] [--key value ...]`: one DDP training run.
+"""One DDP training run, as `python -m raygpt.train` starts it (raygpt.train.cli).
 
 Everything that can be checked before Ray starts is checked first (config,
 storage, data, block size, run folder, checkpoint compatibility), then cluster
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
 from typing import Any
 
 from raygpt import checkpoint, errors, results, run_folder, storage
 from raygpt.cluster import connect, resources, storage_check
-from raygpt.config.io import OneLineArgumentParser
-from raygpt.config.train import TrainConfig, add_train_flags, load_train_config
+from raygpt.config.train import TrainConfig
 from raygpt.data import cache
-from raygpt.errors import exit_on_user_error
 from raygpt.runtime import cpu_threads_available
 from raygpt.train import metrics, preflight, trainer
 from raygpt.train.wiring import RunWiring
@@ -183,26 +180,3 @@ def _final_checkpoint(store, run_path: str, result) -> str | None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(
-        prog="python -m raygpt.train",
-        description="Train a GPT with Ray Train (DDP across workers and nodes).",
-    )
-    parser.add_argument("experiment", nargs="?", help="experiment TOML file (keys as below)")
-    add_train_flags(parser, title="config keys (TOML key = flag name)")
-    return parser
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    experiment = args.pop("experiment")
-    cfg = load_train_config(experiment, args)
-    summary = run(cfg)
-    return 1 if summary["diverged"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -97,14 +97,13 @@ def test_sweep_grid_vs_optuna_counts_rung_cooldown_steps(
     assert bad.returncode == 2 and len(lines) == 1 and "no cooled val" in lines[0], bad.stderr
 
 
-def test_lr_transfer_fits_proxies_predicts_and_checks_against_a_direct_sweep(
-    cluster_env, text_file, tmp_path
-):
+def test_lr_transfer_fits_proxies_predicts_and_checks_against_a_direct_sweep(cluster_env, tmp_path):
     out, storage = tmp_path / "transfer.json", tmp_path / "results"
-    # The experiment file the figures come from, shrunk: 3 learning rates, 10 steps.
-    run([BENCH / "lr_transfer.py", "--data-file", text_file, "--parametrizations", "mup",
+    # The experiment file the figures come from, shrunk (3 learning rates, 10 steps), on the
+    # embedded corpus: a real transfer sweep at three proxy widths, then a direct sweep.
+    stdout = run([BENCH / "lr_transfer.py", "--parametrizations", "mup",
          "--proxies", "16,32,48", "--target", "64", "--direct", "64", "--direct-seeds", "1",
-         "--storage-path", storage, "--json", out, "--",
+         "--storage-path", storage, "--json", out, "--", "--dataset", "pydocs_char",
          "--n-head", "2", "--block-size", "16", "--batch-size", "4", "--max-steps", "10",
          "--lr-decay-steps", "10", "--warmup-steps", "2", "--eval-interval", "10",
          "--eval-iters", "2", "--grid-points", "3", "--seeds", "1", "--mup-base-width", "16",
@@ -126,7 +125,18 @@ def test_lr_transfer_fits_proxies_predicts_and_checks_against_a_direct_sweep(
         assert checks["prediction_vs_direct"] == pytest.approx(
             width["prediction"]["lr"] / direct["lr"]
         )
-    assert (storage / "transfer-mup" / "transfer.png").exists()
+    # What the transfer sweep wrote: each proxy's own sweep, the table and the figure.
+    folder = storage / "transfer-mup"
+    for w in (16, 32, 48):
+        rows = pq.read_table(folder / "proxies" / f"n_embd={w}" / "trials.parquet").to_pylist()
+        assert len(rows) == 3 and {r["n_embd"] for r in rows} == {w}
+        assert all(r["flops"] > 0 and r["device_seconds"] > 0 for r in rows)
+    assert (folder / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pq.read_table(folder / "transfer.parquet").to_pylist()
+    assert [r["n_embd"] for r in table if r["kind"] == "proxy"] == [16, 32, 48]
+    (line,) = [x for x in width["lines"] if x.startswith("adamw: ")]
+    assert "for n_embd=64" in line and line in stdout, width["lines"]
+    assert line.startswith("adamw: lr ") or line.startswith("adamw: no prediction"), line
     assert (storage / "direct-mup-n_embd=64" / "trials.parquet").exists()
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, step_rows
 
 from raygpt import results, storage
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.train.faults import FAIL_AT_ENV
 
@@ -123,7 +124,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(ray_cluster, storage, m
         "--grid-points", "1", "--scheduler", "fifo", "--max-failures", "0",
         "--max-trial-failures", "1", "--name", "errors", "--storage-path", str(storage),
     ]  # fmt: skip
-    sweep_driver.run(*sweep_driver.configs_from_argv(args))
+    sweep_driver.run(*sweep_cli.configs_from_argv(args))
     trials = {t["optimizer"]: t for t in _trials(str(storage / "errors"))}
     assert trials["adamw"]["status"] == "completed" and trials["adamw"]["steps"] == 20
     assert trials["sgd"]["status"] == "error"

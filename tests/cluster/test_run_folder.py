@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, TINY_SWEEP, one_error_line
 
 from raygpt import results, run_folder
-from raygpt.sweep import driver as sweep_driver
+from raygpt.sweep import cli as sweep_cli
 
 
 @pytest.mark.timeout(400)
@@ -42,7 +42,7 @@ def test_a_second_sweep_of_one_name_is_refused_and_the_first_finishes(
         assert lease.exists(), log.read_text()[-3000:]
 
         started = time.perf_counter()
-        assert sweep_driver.main([*args, "--address", "local"]) == 2  # --overwrite too: refused
+        assert sweep_cli.main([*args, "--address", "local"]) == 2  # --overwrite too: refused
         took = time.perf_counter() - started
         err = one_error_line(capsys)
         assert f"host {socket.gethostname()}, pid {first.pid}, since " in err

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import step_rows
 
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 
 TINY = [
@@ -33,7 +34,7 @@ def test_grid_sweep_asha_stops_frees_and_records_divergence(ray_cluster, storage
         "--max-steps", "100",
         "--name", "grid", "--storage-path", str(storage),
     ]  # fmt: skip
-    sweep_driver.run(*sweep_driver.configs_from_argv(args))
+    sweep_driver.run(*sweep_cli.configs_from_argv(args))
     sweep_dir = storage / "grid"
 
     trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()

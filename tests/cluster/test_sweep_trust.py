@@ -10,6 +10,7 @@ import statistics
 import pyarrow.parquet as pq
 import pytest
 
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 
 TINY = [
@@ -28,7 +29,7 @@ def test_seeded_search_over_weight_decay_with_confirmation(ray_cluster, storage,
         "--seeds", "2", "--confirm-top", "1", "--target-loss", "4.0",
         "--name", "seeded", "--storage-path", str(storage),
     ]  # fmt: skip
-    summary = sweep_driver.run(*sweep_driver.configs_from_argv(args))
+    summary = sweep_driver.run(*sweep_cli.configs_from_argv(args))
     out = capsys.readouterr().out
     folder = storage / "seeded"
     trials = pq.read_table(folder / "trials.parquet").to_pylist()
@@ -74,7 +75,7 @@ def test_pbt_clones_a_better_trials_checkpoint(ray_cluster, storage):
         "--scheduler", "pbt", "--pbt-interval", "10",
         "--name", "pbt", "--storage-path", str(storage),
     ]  # fmt: skip
-    sweep_driver.run(*sweep_driver.configs_from_argv(args))
+    sweep_driver.run(*sweep_cli.configs_from_argv(args))
     folder = storage / "pbt"
     trials = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(trials) == 2

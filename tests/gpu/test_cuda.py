@@ -23,6 +23,7 @@ from conftest import REPO, step_rows, tiny_config
 
 from raygpt.errors import UserError
 from raygpt.runtime import Runtime, newton_schulz_dtype, resolve_device
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.train import driver as train_driver
 from raygpt.train import metrics
@@ -175,7 +176,7 @@ def test_sweep_memory_check_refuses_the_search_spaces_largest_trial(ray_cluster,
         "--name", "packed", "--storage-path", str(tmp_path),
     ]  # fmt: skip
     with pytest.raises(UserError, match=r"largest trial.*batch_size=512") as err:
-        sweep_driver.run(*sweep_driver.configs_from_argv(args))
+        sweep_driver.run(*sweep_cli.configs_from_argv(args))
     assert "--gpus-per-trial 0.25" in str(err.value)
     assert not (tmp_path / "packed").exists()  # refused before anything was written
 

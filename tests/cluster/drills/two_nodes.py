@@ -3,7 +3,8 @@
 Run once per session by tests/cluster/conftest.py in a subprocess (it needs its own Ray
 cluster), for tests/cluster/test_object_storage.py and tests/cluster/test_reliability.py:
     python tests/cluster/drills/two_nodes.py STORAGE_URI LOCAL_DIR
-With one CPU per node, a 2-worker run (SPREAD) has its ranks on different nodes, and a
+With one CPU per node, a 2-worker run (SPREAD) has its ranks on different nodes (and equals
+a one-rank run with the same global batch, in the driver's process), and a
 sweep of two concurrent 1-worker trials has its trials on different nodes (all on
 STORAGE_URI). Last, a run in LOCAL_DIR loses the node that hosts its worker mid-run and
 must resume on the other node. Prints one JSON line with the nodes, the runs' summaries
@@ -24,6 +25,7 @@ from ray.cluster_utils import Cluster
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from raygpt.config.train import TrainConfig
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.train import driver as train_driver
 
@@ -109,11 +111,15 @@ def main(storage: str, local_dir: str) -> None:
                 placement_strategy="SPREAD", **SHORT,
             ).validate()
         )  # fmt: skip
+        # The one-rank reference needs no worker group: it runs in this process (Ray
+        # Train's local mode, the same loop), which saves a worker group's start.
         single = train_driver.run(
-            TrainConfig(name="single", storage_path=storage, batch_size=16, **SHORT).validate()
+            TrainConfig(
+                name="single", storage_path=storage, batch_size=16, in_process="true", **SHORT
+            ).validate()
         )
         summary = sweep_driver.run(
-            *sweep_driver.configs_from_argv([*SWEEP, "--name", "sweep", "--storage-path", storage])
+            *sweep_cli.configs_from_argv([*SWEEP, "--name", "sweep", "--storage-path", storage])
         )
         print(
             json.dumps(

@@ -31,7 +31,7 @@ from raygpt.errors import UserError
 from raygpt.model.gpt import GPT, GPTConfig
 from raygpt.runtime import restore_grad_scaler
 from raygpt.storage import resolve as storage_resolve
-from raygpt.train import driver as train_driver
+from raygpt.train import cli as train_cli
 from raygpt.train import preflight
 from raygpt.train.optim import build_optimizer, load_state
 
@@ -75,8 +75,8 @@ def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("resume_safety")
     texts = {"a": _text(root / "a.txt", seed=1), "b": _text(root / "b.txt", seed=2)}
     storage = root / "results"
-    assert train_driver.main(_argv(storage, "base", texts["a"])) == 0
-    assert train_driver.main(_argv(storage, "bf16", texts["a"], dtype="bfloat16")) == 0
+    assert train_cli.main(_argv(storage, "base", texts["a"])) == 0
+    assert train_cli.main(_argv(storage, "bf16", texts["a"], dtype="bfloat16")) == 0
     return root, storage, texts
 
 
@@ -129,7 +129,7 @@ def test_a_resume_that_does_not_match_is_refused_and_changes_nothing(
     text = texts[overrides.pop("data_file", "a")]
     before = _snapshot(storage / run)
     capsys.readouterr()
-    code = train_driver.main(_argv(storage, run, text, resume="true", max_steps=12, **overrides))
+    code = train_cli.main(_argv(storage, run, text, resume="true", max_steps=12, **overrides))
     line = _one_error_line(capsys)
     assert code == 2
     assert line.startswith("error: cannot resume: ") and "another --name" in line, line
@@ -144,7 +144,7 @@ def test_other_text_with_the_same_characters_is_named_by_its_sha(runs, capsys):
     assert meta["a"]["itos"] == meta["b"]["itos"]  # the vocabulary alone cannot tell
     assert meta["a"]["source_sha256"] != meta["b"]["source_sha256"]
     capsys.readouterr()
-    assert train_driver.main(_argv(storage, "base", texts["b"], resume="true")) == 2
+    assert train_cli.main(_argv(storage, "base", texts["b"], resume="true")) == 2
     line = _one_error_line(capsys)
     assert meta["a"]["source_sha256"][:16] in line and meta["b"]["source_sha256"][:16] in line
 
@@ -177,7 +177,7 @@ def test_a_may_change_key_reaches_the_restored_optimizer_and_the_record(runs, tm
     _, _, texts = runs
     run_dir = _copy_run(runs, "base", tmp_path)
     argv = _argv(tmp_path, "base", texts["a"], resume="true", max_steps=12)
-    assert train_driver.main([*argv, "--weight-decay", "0.3", "--beta2", "0.95"]) == 0
+    assert train_cli.main([*argv, "--weight-decay", "0.3", "--beta2", "0.95"]) == 0
     assert [r["step"] for r in step_rows(run_dir)] == list(range(1, 13))
     state = _latest_state(run_dir)
     assert state["step"] == 12
@@ -300,7 +300,7 @@ def test_a_diverged_run_keeps_its_last_sound_checkpoint_as_the_latest(
     settings = {"warmup_steps": 0, "grad_clip": 0.0, "divergence_factor": 1.2, **blow_up}
     argv = _argv(tmp_path, "base", texts["a"], resume="true", max_steps=40, lr_decay_steps=40)
     flags = [part for k, v in settings.items() for part in (flag_name(k), str(v))]
-    assert train_driver.main([*argv, *flags]) == 1  # diverged
+    assert train_cli.main([*argv, *flags]) == 1  # diverged
     assert "diverged at step" in capsys.readouterr().out
     last_step = max(r["step"] for r in step_rows(run_dir))
     assert 6 < last_step < 40
@@ -335,11 +335,11 @@ def test_nan_weights_are_refused_by_sample_export_resume_and_init_from(runs, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported")]
 
     resume = _argv(tmp_path, "base", texts["a"], resume="true", max_steps=12)
-    assert train_driver.main(resume) == 2
+    assert train_cli.main(resume) == 2
     line = _one_error_line(capsys)
     assert line.startswith("error: cannot resume: checkpoint ") and "NaN" in line, line
 
-    assert train_driver.main(_argv(tmp_path, "finetune", texts["a"], init_from=folder)) == 2
+    assert train_cli.main(_argv(tmp_path, "finetune", texts["a"], init_from=folder)) == 2
     assert "NaN or infinite weights" in _one_error_line(capsys)
     assert not (tmp_path / "finetune").exists()
     assert _snapshot(run_dir) == before

@@ -6,11 +6,11 @@ import pytest
 
 from raygpt.config.train import load_train_config
 from raygpt.errors import UserError
-from raygpt.train import driver as train_driver
+from raygpt.train import cli as train_cli
 
 
 def _flags(*argv: str) -> tuple[str | None, dict]:
-    args = vars(train_driver.build_parser().parse_args(list(argv)))
+    args = vars(train_cli.build_parser().parse_args(list(argv)))
     return args.pop("experiment"), args
 
 

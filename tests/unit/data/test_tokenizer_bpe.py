@@ -20,6 +20,7 @@ from raygpt.data import common, prepare, sampler, tokenizers
 from raygpt.data import manifest as data_manifest
 from raygpt.errors import UserError
 from raygpt.model import loading
+from raygpt.train import cli as train_cli
 from raygpt.train import driver as train_driver
 
 WORDS = [
@@ -149,7 +150,7 @@ def test_vocab_size_below_the_byte_alphabet_is_one_line(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(20))
     results = tmp_path / "results"
     argv = ["--data-file", str(corpus), "--tokenizer", "bpe", "--vocab-size", "200"]
-    assert train_driver.main([*argv, "--storage-path", str(results)]) == 2
+    assert train_cli.main([*argv, "--storage-path", str(results)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: vocab_size=200 ") and err.count("\n") == 1, err
     assert not results.exists()  # refused before anything was written

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report",),
     ("sweep",),
     ("sample", "export", "bench", "mup"),
+    ("service",),
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -24,7 +24,7 @@ from raygpt.model import init_from, loading
 from raygpt.model import parametrization as P
 from raygpt.model.gpt import GPT, GPTConfig
 from raygpt.sweep.space import parse_search_space
-from raygpt.train import driver as train_driver
+from raygpt.train import cli as train_cli
 from raygpt.train.lr_schedule import lr_at
 from raygpt.train.optim import build_optimizer, load_state, set_lr, set_optimizer_mode
 
@@ -314,9 +314,9 @@ def test_a_mup_run_resumed_equals_the_uninterrupted_one_and_loads_as_mup(tmp_pat
     eval, export load it so), a resume or --init-from under another parametrization is
     refused in one line."""
     text, storage = _text(tmp_path / "a.txt"), tmp_path / "results"
-    assert train_driver.main(_argv(storage, "straight", text)) == 0
-    assert train_driver.main(_argv(storage, "split", text, max_steps=6)) == 0
-    assert train_driver.main(_argv(storage, "split", text, resume="true")) == 0
+    assert train_cli.main(_argv(storage, "straight", text)) == 0
+    assert train_cli.main(_argv(storage, "split", text, max_steps=6)) == 0
+    assert train_cli.main(_argv(storage, "split", text, resume="true")) == 0
     straight = {r["step"]: r["train_loss"] for r in step_rows(storage / "straight")}
     split = {r["step"]: r["train_loss"] for r in step_rows(storage / "split")}
     assert sorted(straight) == sorted(split) == list(range(1, 13))

@@ -33,7 +33,7 @@ from s3server import TEST_BUCKET, list_keys, s3_uri
 from raygpt import checkpoint
 from raygpt.errors import UserError, exit_on_user_error
 from raygpt.redact import MASK, is_secret_name, redact, redact_config
-from raygpt.train import driver as train_driver
+from raygpt.train import cli as train_cli
 from raygpt.train import trackers
 
 
@@ -132,7 +132,7 @@ def test_the_error_printer_masks_whatever_raised(capsys):
 
 def _cli_error(argv: list[str], capfd) -> str:
     """Run raygpt.train's CLI in this process; its one `error:` line (exit 2)."""
-    assert train_driver.main(argv) == 2
+    assert train_cli.main(argv) == 2
     out, err = capfd.readouterr()
     assert SECRET not in out + err
     lines = err.strip().splitlines()

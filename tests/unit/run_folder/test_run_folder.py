@@ -22,8 +22,8 @@ from conftest import TINY_SWEEP, one_error_line
 from raygpt import results, run_folder
 from raygpt.errors import UserError
 from raygpt.storage import resolve
-from raygpt.sweep import driver as sweep_driver
-from raygpt.train import driver as train_driver
+from raygpt.sweep import cli as sweep_cli
+from raygpt.train import cli as train_cli
 
 TINY_RUN = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
@@ -86,7 +86,7 @@ def test_plain_names_pass(name):
 @pytest.mark.parametrize("cli", ["sweep", "train"])
 def test_cli_refuses_a_name_outside_the_root(cli, name, neighbourhood, capsys):
     root, _, before = neighbourhood
-    main = sweep_driver.main if cli == "sweep" else train_driver.main
+    main = sweep_cli.main if cli == "sweep" else train_cli.main
     args = ["--storage-path", str(root), "--name", name, "--overwrite"]
     assert main([*(TINY_SWEEP if cli == "sweep" else TINY_RUN), *args]) == 2
     err = one_error_line(capsys)
@@ -99,7 +99,7 @@ def test_a_sweep_name_from_the_toml_is_checked(neighbourhood, tmp_path, capsys):
     toml = tmp_path / "exp.toml"
     toml.write_text('[sweep]\nname = "../x"\noverwrite = true\n')
     before[str(toml.relative_to(tmp_path))] = toml.read_text()
-    assert sweep_driver.main([str(toml), *TINY_SWEEP, "--storage-path", str(root)]) == 2
+    assert sweep_cli.main([str(toml), *TINY_SWEEP, "--storage-path", str(root)]) == 2
     assert "sweep name '../x' contains a path separator" in one_error_line(capsys)
     assert _tree(tmp_path) == before
 
@@ -167,7 +167,7 @@ def test_overwrite_refuses_a_folder_raygpt_did_not_write(cli, data_dir, storage,
     (docs / "sub").mkdir()
     (docs / "sub" / "run.json").write_text("{}")  # a record one level down proves nothing
     before = _tree(storage)
-    main = sweep_driver.main if cli == "sweep" else train_driver.main
+    main = sweep_cli.main if cli == "sweep" else train_cli.main
     args = ["--storage-path", str(storage), "--name", "Documents", "--overwrite"]
     assert main([*(TINY_SWEEP if cli == "sweep" else TINY_RUN), *args]) == 2
     err = one_error_line(capsys)

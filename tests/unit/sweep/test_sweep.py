@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from raygpt.errors import UserError
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import config as sweep_config
-from raygpt.sweep import driver as sweep_driver
 from raygpt.sweep import search
 
 TINY = [
@@ -56,5 +56,5 @@ def test_grid_is_log_spaced_per_optimizer():
 )
 def test_bad_sweep_flags_name_the_value(flags, fragment):
     with pytest.raises(UserError, match=None) as err:
-        sweep_driver.configs_from_argv([*TINY, *flags])
+        sweep_cli.configs_from_argv([*TINY, *flags])
     assert fragment in str(err.value)

@@ -18,6 +18,7 @@ from raygpt.cluster import memory_estimate, resources
 from raygpt.config.train import TrainConfig
 from raygpt.errors import UserError
 from raygpt.report import comparisons
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.sweep.live_view import progress_line
 from raygpt.train import rung_cooldown
@@ -70,13 +71,13 @@ def test_trial_memory_check_names_the_share_and_the_need():
 )
 def test_bad_sweep_settings_are_one_line_errors(flags, fragment):
     with pytest.raises(UserError) as err:
-        sweep_driver.configs_from_argv([*TINY, "--max-steps", "40", *flags])
+        sweep_cli.configs_from_argv([*TINY, "--max-steps", "40", *flags])
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_card_command_trains_the_packaged_preset():
-    sweep_cfg, train = sweep_driver.configs_from_argv(["--optimizers", "adamw,sgd"])
+    sweep_cfg, train = sweep_cli.configs_from_argv(["--optimizers", "adamw,sgd"])
     assert train.dataset == "pydocs_char" and train.max_steps == 450
     assert sweep_cfg.num_samples == 10 and sweep_cfg.scheduler == "asha"
 

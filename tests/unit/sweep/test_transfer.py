@@ -1,6 +1,7 @@
 """The transfer sweep without Ray: its plan, its analysis and files from synthetic proxy
 folders, its orchestration with a stand-in sweep runner, and bad input at the CLI. One
-real small transfer on the embedded corpus is in tests/cluster/test_transfer.py.
+real small transfer on the embedded corpus is benchmarks/lr_transfer.py's smoke test, in
+tests/cluster/test_benchmarks.py.
 
 Synthetic proxies follow a known law: at width w the best lr is BASE * (w / 16)^SLOPE,
 and loss = 2 + 0.1 (ln lr - ln best)^2 + noise per seed, on one factor-2 grid.
@@ -27,7 +28,7 @@ from raygpt.report import compute
 from raygpt.report.transfer import analysis
 from raygpt.report.transfer import outputs as transfer_outputs
 from raygpt.report.transfer import plan as transfer_plan
-from raygpt.sweep import driver as sweep_driver
+from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import transfer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -166,7 +167,7 @@ def test_plan_refusals_are_one_line():
 
 
 def test_proxy_and_confirm_configs(tmp_path):
-    sweep, train = sweep_driver.configs_from_argv(
+    sweep, train = sweep_cli.configs_from_argv(
         [*TINY, "--optimizers", "adamw", "--search", "grid", "--grid-points", "3", "--seeds", "2",
          "--search-space", "weight_decay=0.0,0.1",
          "--transfer", "n_embd=16,32,48", "--target", "n_embd=96", "--name", "t",
@@ -358,16 +359,16 @@ def transfer_args(tmp_path, *extra):
 def test_a_resumed_transfer_skips_the_proxies_it_finished(tmp_path, capsys):
     cut = FakeSweeps(fail_at=32)
     with pytest.raises(KeyboardInterrupt):
-        transfer.run(*sweep_driver.configs_from_argv(transfer_args(tmp_path)), cut)
+        transfer.run(*sweep_cli.configs_from_argv(transfer_args(tmp_path)), cut)
     assert [c[:2] for c in cut.calls] == [("n_embd=16", 16), ("n_embd=32", 32)]
     state = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert state["finished"] == ["proxies/n_embd=16"]
     # Without --resume the folder is taken; with it, the finished proxy is skipped.
     with pytest.raises(UserError, match="already exists"):
-        transfer.run(*sweep_driver.configs_from_argv(transfer_args(tmp_path)), FakeSweeps())
+        transfer.run(*sweep_cli.configs_from_argv(transfer_args(tmp_path)), FakeSweeps())
     rest = FakeSweeps()
     outcome = transfer.run(
-        *sweep_driver.configs_from_argv(transfer_args(tmp_path, "--resume", "--confirm")), rest
+        *sweep_cli.configs_from_argv(transfer_args(tmp_path, "--resume", "--confirm")), rest
     )
     assert [c[:2] for c in rest.calls] == [
         ("n_embd=32", 32),
@@ -384,7 +385,7 @@ def test_a_resumed_transfer_skips_the_proxies_it_finished(tmp_path, capsys):
     assert [r["multiple"] for r in rows if r["kind"] == "confirm"] == [0.5, 1.0, 2.0]
     # Everything finished: a second resume trains nothing.
     again = FakeSweeps()
-    transfer.run(*sweep_driver.configs_from_argv(transfer_args(tmp_path, "--resume")), again)
+    transfer.run(*sweep_cli.configs_from_argv(transfer_args(tmp_path, "--resume")), again)
     assert again.calls == []
 
 

@@ -21,6 +21,7 @@ from raygpt.model import loading
 from raygpt.model.gpt import GPT, GPTConfig
 from raygpt.model.param_table import format_table, parameter_rows
 from raygpt.report import driver as report_driver
+from raygpt.train import cli as train_cli
 from raygpt.train import driver as train_driver
 
 SEPARATOR = "---------------"
@@ -180,7 +181,7 @@ def test_bad_observability_input_is_one_line_before_training(
         str(write_jsonl(tmp_path / "bad.jsonl", [item])) if f == "UNWRITABLE" else f for f in flags
     ]
     argv = ["--storage-path", str(tmp_path), "--name", "bad", "--in-process", "true", *flags]
-    assert train_driver.main(argv) == 2
+    assert train_cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "bad").exists()

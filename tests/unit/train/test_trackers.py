@@ -102,7 +102,7 @@ def test_missing_tracker_package_is_one_line_before_ray(tmp_path, package):
     # The package made unimportable in a fresh interpreter, as if it were not installed.
     code = (
         f"import sys; sys.modules[{package!r}] = None\n"
-        "from raygpt.train.driver import main\n"
+        "from raygpt.train.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     flag = ["--wandb", "p"] if package == "wandb" else ["--mlflow", str(tmp_path / "mlruns")]
