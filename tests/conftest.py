@@ -14,7 +14,7 @@ from s3server import s3_auth_endpoint, s3_endpoint, s3_storage  # noqa: F401
 REPO = Path(__file__).resolve().parent.parent
 
 # Fixtures that tests in several folders share, each module beside this one.
-pytest_plugins = ["bad_input_cases", "benchmark_runs", "builders", "mlflow_server"]
+pytest_plugins = ["bad_input_cases", "benchmark_runs", "builders", "mlflow_server", "postgres"]
 
 
 @pytest.hookimpl(tryfirst=True)

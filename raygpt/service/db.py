@@ -98,7 +98,7 @@ tokens = sa.Table(
 )
 
 # One row per sweep folder (folder_uri). The service owns owner, queued_reason,
-# submitted_at, experiment_toml, flags and ray_job_id; index.ingest fills the rest from
+# submitted_at, experiment_toml, flags, files and ray_job_id; index.ingest fills the rest from
 # the folder (sweep.json and trials.parquet), so a rebuild from storage gives them back.
 sweeps = sa.Table(
     "sweeps",
@@ -115,6 +115,9 @@ sweeps = sa.Table(
     sa.Column("folder_uri", sa.Text, unique=True),  # <storage>/<name>, as index.folder_uri says
     sa.Column("experiment_toml", sa.Text),  # the experiment file as submitted
     sa.Column("flags", JSON),  # the command-line flags as submitted, a list of strings
+    # The files the flags name, as submitted ({relative path: text}); the job runs in a
+    # folder that holds them, so the flags' relative paths find them there.
+    sa.Column("files", JSON),
     sa.Column("workers_per_trial", sa.Integer),  # each trial's demand, and how many at once
     sa.Column("cpus_per_worker", sa.Double),
     sa.Column("gpus_per_worker", sa.Double),

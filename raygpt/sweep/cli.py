@@ -4,15 +4,20 @@ The flags, the experiment file and its `[sweep]` table are parsed and validated 
 config layer alone, before torch, Ray and Tune are imported: a typo or a bad range costs
 a fraction of a second. The sweep itself is raygpt.sweep.driver.run (a transfer:
 raygpt.sweep.transfer.run, one sweep per proxy size).
+
+With `--service URL` (or $RAYGPT_SERVICE) the sweep, once it passes the same checks, is
+sent to the team service instead (raygpt.sweep.remote).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from raygpt.config.io import OneLineArgumentParser, add_dataclass_flags
 from raygpt.config.train import TrainConfig, add_train_flags
 from raygpt.errors import exit_on_user_error
+from raygpt.sweep import remote as service
 from raygpt.sweep.config import SWEEP_OWNED_TRAIN_KEYS, SweepConfig, load_configs
 
 # SweepConfig's keys whose flags add_transfer_flags declares (the dataclass flags skip them).
@@ -97,19 +102,53 @@ def build_parser() -> OneLineArgumentParser:
         help="also print every trial's lines and Ray's own output on the console",
     )
     add_transfer_flags(parser)
+    add_service_flags(parser)
     add_train_flags(parser, exclude=SWEEP_OWNED_TRAIN_KEYS, title="training keys (per trial)")
     return parser
 
 
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the team service (docs/service.md)")
+    group.add_argument(
+        "--service",
+        dest="service",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help=f"submit the sweep to the team service at URL instead of running it here "
+        f"(default: ${service.SERVICE_ENV}; an empty URL runs it here)",
+    )
+    group.add_argument(
+        "--token",
+        dest="token",
+        default=argparse.SUPPRESS,
+        metavar="TOKEN",
+        help=f"with --service: your API token (default: ${service.TOKEN_ENV}, which keeps it out of "
+        "the shell's history)",
+    )
+    group.add_argument(
+        "--follow",
+        dest="follow",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="with --service: print the sweep's log until it ends; exit 0 if it succeeded",
+    )
+
+
 def configs_from_argv(argv: list[str] | None) -> tuple[SweepConfig, TrainConfig]:
     args = vars(build_parser().parse_args(argv))
+    for key in service.SERVICE_KEYS:
+        args.pop(key, None)
     experiment = args.pop("experiment")
     return load_configs(experiment, args)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     sweep, train = configs_from_argv(argv)
+    remote = service.service_options(vars(build_parser().parse_args(argv)))
+    if remote is not None:
+        return service.submit(*remote, build_parser(), argv, train)
     # torch, Ray and Tune, for configs that passed their checks
     from raygpt.sweep import driver, transfer
 
