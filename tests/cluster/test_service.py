@@ -10,6 +10,8 @@ a restart has steps enough to run until it is cancelled.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import time
 import urllib.error
@@ -193,7 +195,39 @@ def test_a_sweep_waits_for_free_cpus_then_runs_and_a_restart_reconciles(service)
     FINISHED.update({"alice-first": first, "bob-second": second})
 
 
-def test_killed_replica_restart_and_cancel(service):
+def look_at_the_pages(service: Service, running: int, queued: int, folder: Path) -> None:
+    """The list and the running sweep's page in headless Chromium, served by the Serve
+    replica while the sweep's job trains: both sweeps listed with their status, and the
+    running sweep's trials in its table as the queue ingested them. Screenshots go to
+    `folder`, and to $RAYGPT_SCREENSHOTS where set."""
+    from browser import chromium, png_size, screenshot
+    from browser import wait_for as wait_shown
+
+    names = {running: service.row(running)["name"], queued: service.row(queued)["name"]}
+    with service.db.connect() as conn:
+        query = sa.select(schema.trials.c.trial_id).where(schema.trials.c.sweep_id == running)
+        trial_ids = sorted(conn.execute(query).scalars())
+    assert len(trial_ids) == 2
+    shots = [folder / "service-list.png", folder / "service-sweep.png"]
+    with chromium() as driver:
+        driver.get(f"{service.url}/?token={service.tokens['alice']}")
+        assert "running" in wait_shown(driver, "#live tbody tr", text=names[running]).text
+        assert "queued" in wait_shown(driver, "#live tbody tr", text=names[queued]).text
+        screenshot(driver, shots[0])
+        driver.get(f"{service.url}/sweeps/{running}/page")
+        wait_shown(driver, "h1", text=names[running])
+        for trial_id in trial_ids:
+            assert "running" in wait_shown(driver, "#live tbody tr", text=trial_id).text
+        screenshot(driver, shots[1])
+    keep = os.environ.get("RAYGPT_SCREENSHOTS")
+    for shot in shots:
+        assert min(png_size(shot)) > 100
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_killed_replica_restart_and_cancel(service, tmp_path):
     import ray
     from ray.util import state
 
@@ -217,6 +251,7 @@ def test_killed_replica_restart_and_cancel(service):
     assert service.row(held)["status"] == schema.RUNNING
     assert service.row(held)["ray_job_id"] == job_id and job_status(job_id) == "RUNNING"
     assert service.row(later)["status"] == schema.QUEUED
+    look_at_the_pages(service, held, later, tmp_path)
 
     # A restart: the running sweep goes on; one whose job the cluster does not know fails.
     deployment.stop()
