@@ -138,6 +138,30 @@ def test_train_vs_plain(env, experiment, text_file, tmp_path):
     assert ray["step_ms_median"] > 0 and result["ratio"] > 0
 
 
+def test_service_load(env, tmp_path):
+    out = tmp_path / "load.json"
+    stdout = run([BENCH / "service_load.py", "--sweeps", "2", "--trials", "40",
+                  "--requests", "3", "--json", out], env, timeout=120)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert (result["sweeps"], result["trials"], result["requests"]) == (2, 40, 3)
+    [(name, db)] = result["databases"].items()  # no --db: the fresh SQLite file alone
+    assert name == "sqlite" and (db["sweeps"], db["trials"]) == (2, 40)
+    # What the answers held: every sweep listed, a sweep's 20 trials on its page, and the
+    # trials the filter selects (adamw at 11M parameters: 7 of the second sweep's 20).
+    assert db["sweeps_on_list_page"] == db["sweeps_listed"] == 2
+    assert db["trial_rows_on_last_page"] == 20
+    assert db["trials_matched"] == db["expected_trials_matched"] == 7
+    routes = ["GET /", "GET /sweeps", "GET /sweeps/{id}/page", "GET /trials"]
+    assert list(db["routes"]) == routes
+    for route, t in db["routes"].items():
+        assert t["n"] == 3, route
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["p95_ms"] <= t["max_ms"], (route, t)
+        assert t["target_ms"] == {"GET /": 200, "GET /trials": 100}.get(route)
+        [line] = [line for line in stdout.splitlines() if line.split()[:2] == route.split()]
+        assert "median" in line and "p95" in line
+        assert (f"target < {t['target_ms']:.0f} ms" if t["target_ms"] else "no target") in line
+
+
 def test_fifo_runs_rung_cooldowns_only_where_grace_steps_names_rungs():
     # ASHA/HyperBand compare at rungs: always. FIFO: only with --grace-steps (what
     # benchmarks/asha_bias.py measures at). PBT has no rungs.
