@@ -79,21 +79,15 @@ def render_lr_law(
     before anything is written."""
     point = law_outputs.parse_point(predict) if predict is not None else None
     shown = [folder_storage(s).display() for s in sweeps]
-    laws, skipped = lr_law.fit_laws(law_rows.read_sweeps(sweeps))
-    predictions = {}
-    if point is not None:
-        for opt, law in laws.items():
-            predictions[opt] = law.predict(point.get("N"), point.get("D"), extrapolate=extrapolate)
-    record = law_outputs.record(laws, skipped, shown, predictions)
+    laws, record, lines = law_outputs.outcome(
+        law_rows.read_sweeps(sweeps), shown, point, extrapolate
+    )
     out = (
         folder_storage(sweeps[0]) if out_dir is None else storage.resolve(str(out_dir), check=False)
     )
     written = law_outputs.write_outputs(
         out, record, laws, plot=plots, name=shown[0].rstrip("/").rsplit("/", 1)[-1]
     )
-    lines = [law.line() for law in laws.values()]
-    lines += [f"{opt}: no law: {why}" for opt, why in skipped.items()]
-    lines += [p.line() for p in predictions.values()]
     return lines, written, record
 
 

@@ -7,9 +7,9 @@ tests need no cluster. Routes, JSON unless said:
 - `GET /healthz`: the one route without a token.
 - `POST /sweeps`: submit `{"experiment_toml": str | null, "flags": [str], "files":
   {relative path: text}}`; 201 with `{"id", "name", "status": "queued", "page"}`.
-- `GET /sweeps` (`?owner=`, `?status=`, `?limit=`), `GET /sweeps/{id}`,
-  `POST /sweeps/{id}/cancel`, `GET /sweeps/{id}/logs` (text; `?offset=N`: from
-  character N on), `GET /trials?KEY=VALUE...` (db.parse_filters; `limit=N`).
+- `GET /sweeps` (`?owner=`, `?status=`, `?limit=`), `GET /sweeps/{id}`, `POST /sweeps/{id}/cancel`,
+  `GET /sweeps/{id}/logs` (text; `?offset=N`: from character N on), `GET /trials?KEY=VALUE...`
+  (db.parse_filters; `limit=N`), `GET /lr-law?KEY=VALUE...` (those trials' lr law: law.py).
 - `GET /` and `GET /sweeps/{id}/page`: the HTML pages (pages.py), and the plots they show
   (`GET /sweeps/{id}/plots/NAME.png`).
 
@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException
 from raygpt import storage
 from raygpt.errors import UserError, first_line
 from raygpt.redact import redact
-from raygpt.service import auth, index, pages, submit
+from raygpt.service import auth, index, law, pages, submit
 from raygpt.service import db as schema
 from raygpt.service.submit import Refused
 
@@ -227,6 +227,11 @@ def build_app(db: sa.Engine, runner: Runner, storage_path: str) -> FastAPI:
         limit = _limit([v for k, v in pairs if k == "limit"])
         rows = index.query_trials(db, [(k, v) for k, v in pairs if k != "limit"], limit=limit + 1)
         return JSONResponse(_json({"trials": rows[:limit], "truncated": len(rows) > limit}))
+
+    @app.get("/lr-law")
+    def lr_law(request: Request) -> JSONResponse:
+        user(request)
+        return JSONResponse(_json(law.answer(db, request.query_params.multi_items())))
 
     @app.get("/", response_class=HTMLResponse)
     def home(request: Request) -> Response:

@@ -5,7 +5,9 @@ and cancel its sweeps (docs/service.md).
   service itself on the cluster: `start`, `stop`, `status` (raygpt.service.deployment,
   imported by those commands only: parsing and the other commands import no Ray).
 - From anywhere that reaches the service (`--service URL` or $RAYGPT_SERVICE, `--token`
-  or $RAYGPT_TOKEN): `list`, `show`, `cancel`, `logs`, `query`.
+  or $RAYGPT_TOKEN): `list`, `show`, `cancel`, `logs`, `query`, and `lr-law` (the
+  learning-rate law of the trials a filter selects; with `--db`, read from the database
+  directly).
 
 A token is printed once, by `add-user` and `issue-token`, alone on stdout (so
 `TOKEN=$(python -m raygpt.service add-user ada)` holds just it), and nowhere else.
@@ -90,6 +92,31 @@ def build_parser() -> OneLineArgumentParser:
     query = commands.add_parser("query", parents=[remote], help="trials by filter")
     query.add_argument("filters", nargs="+", metavar="KEY=VALUE")
     query.add_argument("--limit", type=_integer("--limit"), default=None, metavar="N")
+    law = commands.add_parser(
+        "lr-law",
+        parents=[remote],
+        help="fit best lr = a * N^alpha * D^beta per optimizer over the trials a filter "
+        "selects, as python -m raygpt.report --lr-law does over sweep folders",
+    )
+    law.add_argument("filters", nargs="*", metavar="KEY=VALUE")
+    law.add_argument(
+        "--predict",
+        metavar="N=...,D=...",
+        help="the law's lr at this size, e.g. N=124M,D=2.5e9 (refused far outside the "
+        "fitted range)",
+    )
+    law.add_argument(
+        "--extrapolate", action="store_true", help="with --predict: predict far outside it"
+    )
+    law.add_argument(
+        "--out", default=".", metavar="DIR", help="folder for lr_law.json and lr_law.png"
+    )
+    law.add_argument(
+        "--db",
+        metavar="URL",
+        help="read this database directly (on the head: a SQLite file or "
+        "postgresql://...) instead of asking the service",
+    )
     return parser
 
 
@@ -229,13 +256,18 @@ TRIAL_COLUMNS = ("sweep", "trial_id", "optimizer", "learning_rate", "status", "s
 TRIAL_NUMBERS = {"val_loss": ".4f", "best_val_loss": ".4f", "n_params": ",.0f"}
 
 
-def _query(args: argparse.Namespace) -> int:
+def _filters(words: list[str]) -> list[tuple[str, str]]:
     filters = []
-    for word in args.filters:
+    for word in words:
         key, sep, value = word.partition("=")
         if not sep or not key:
             raise UserError(f"filter {word!r} has no '='; give NAME=VALUE, e.g. optimizer=muon")
         filters.append((key, value))
+    return filters
+
+
+def _query(args: argparse.Namespace) -> int:
+    filters = _filters(args.filters)
     if args.limit is not None:
         filters.append(("limit", str(args.limit)))
     found = _client(args).trials(filters)
@@ -247,6 +279,32 @@ def _query(args: argparse.Namespace) -> int:
     print(_table([*TRIAL_COLUMNS, *TRIAL_NUMBERS], rows) if rows else "no trials match")
     if found["truncated"]:
         _note(f"showing the first {len(rows)} trials; narrow the filters or raise --limit")
+    return 0
+
+
+def _lr_law(args: argparse.Namespace) -> int:
+    from raygpt.service import law  # the fit's numpy and plots: only for this command
+
+    query = _filters(args.filters)
+    query += [("predict", args.predict)] if args.predict is not None else []
+    query += [("extrapolate", "1")] if args.extrapolate else []
+    if args.db is None:
+        found = _client(args).lr_law(query)
+    elif args.service or args.token:
+        raise UserError("--db reads the database itself: leave out --service and --token")
+    else:
+        from raygpt.service import db
+
+        engine = db.connect(args.db)
+        try:
+            found = law.answer(engine, query)
+        finally:
+            engine.dispose()
+    written = law.write(args.out, found)
+    print("\n".join(found["lines"]))
+    print()
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -262,6 +320,7 @@ COMMANDS = {
     "cancel": _cancel,
     "logs": _logs,
     "query": _query,
+    "lr-law": _lr_law,
 }
 
 

@@ -1,5 +1,5 @@
 """The service's HTTP client for the commands: `python -m raygpt.service list`, `show`,
-`cancel`, `logs` and `query`.
+`cancel`, `logs`, `query` and `lr-law`.
 
 The service's address comes from `--service URL` or $RAYGPT_SERVICE, the token from
 `--token` or $RAYGPT_TOKEN (the variable keeps it out of the shell's history and the
@@ -68,6 +68,9 @@ class Client:
 
     def trials(self, filters: list[tuple[str, str]]) -> dict:
         return self.get("/trials", filters)
+
+    def lr_law(self, query: list[tuple[str, str]]) -> dict:
+        return self.get("/lr-law", query)
 
     def _send(self, method: str, path: str, query: Any, body: Any = None) -> bytes:
         target = quote(path) + (f"?{urlencode(query)}" if query else "")

@@ -1,7 +1,8 @@
 """The files of a learning-rate law: lr_law.json (the record) and lr_law.png (the plot).
 
 `python -m raygpt.report --lr-law` writes them into the first sweep's folder (or
-`--out`); `parse_point` reads its `--predict N=...,D=...`.
+`--out`); `parse_point` reads its `--predict N=...,D=...`, and `outcome` gives the laws,
+the record and the lines it prints (`python -m raygpt.service lr-law` prints the same).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from raygpt import results
 from raygpt.errors import UserError
-from raygpt.report.transfer.law import D_REF, N_REF, Law, Prediction
+from raygpt.report.transfer.law import D_REF, N_REF, Law, Prediction, fit_laws
 from raygpt.report.transfer.law_rows import D_MEANS, N_MEANS
 from raygpt.storage import Storage
 
@@ -57,6 +58,27 @@ def record(
         "not_fitted": dict(skipped),
         "predictions": {opt: p.to_dict() for opt, p in (predictions or {}).items()},
     }
+
+
+def outcome(
+    rows: Sequence[Mapping[str, Any]],
+    sweeps: Sequence[str],
+    point: Mapping[str, float] | None = None,
+    extrapolate: bool = False,
+) -> tuple[dict[str, Law], dict[str, Any], list[str]]:
+    """The laws over law rows (law_rows), lr_law.json's record and the lines to print:
+    a law (or why none) per optimizer, then the prediction at `point` (parse_point's).
+    Whatever refuses (too few sizes, a point too far out) does so here, before anything
+    is written."""
+    laws, skipped = fit_laws(rows)
+    predictions = {}
+    if point is not None:
+        for opt, law in laws.items():
+            predictions[opt] = law.predict(point.get("N"), point.get("D"), extrapolate=extrapolate)
+    lines = [law.line() for law in laws.values()]
+    lines += [f"{opt}: no law: {why}" for opt, why in skipped.items()]
+    lines += [p.line() for p in predictions.values()]
+    return laws, record(laws, skipped, sweeps, predictions), lines
 
 
 def plot_law(laws: Mapping[str, Law], target, name: str | None = None) -> Path | str:

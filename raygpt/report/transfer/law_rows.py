@@ -100,46 +100,56 @@ def budget(cfg: Mapping[str, Any]) -> int | None:
     return int(steps) * int(tokens_per_step) if steps is not None and tokens_per_step else None
 
 
+def law_row(
+    row: Mapping[str, Any], base: Mapping[str, Any], data: Mapping[str, Any], shown: str
+) -> dict[str, Any] | None:
+    """One trial as a law row: `row` (trials.parquet's columns, `params` as JSON) with "N",
+    "D", "parametrization", "other" and "sweep" added (see `law_rows`); None where its D
+    is unknown. `base` is its sweep's config, `data` its data record (the footer's
+    `data`: its vocab_size counts N where the row has no n_params), `shown` its folder.
+
+    `law_rows` reads these from a folder; the service's database keeps them per sweep and
+    trial (raygpt.service.law), so both give one trial the same row."""
+    params = json.loads(row.get("params") or "{}")
+    cfg = {**base, **params}
+    if (cfg.get("init_from") or "scratch") != "scratch":
+        raise UserError(
+            f"{shown}: its trials start from {cfg['init_from']}, not from scratch; a "
+            "learning-rate law is fitted on models trained from scratch"
+        )
+    n = row.get("n_params")
+    if n is None:
+        n = _n_from_config(cfg, cfg.get("vocab_size") or data.get("vocab_size"), shown)
+    d = budget(cfg)
+    if d is None and row.get("status") == status.COMPLETED:
+        d = row.get("tokens")
+    if d is None:
+        return None
+    other = {k: v for k, v in sorted(params.items()) if k not in _CURVE_KEYS}
+    return dict(row) | {
+        "N": int(n),
+        "D": int(d),
+        "parametrization": str(row.get("parametrization") or cfg.get("parametrization") or "sp"),
+        "other": json.dumps(other, default=str),
+        "sweep": shown,
+    }
+
+
 def law_rows(where: str | Path | Storage) -> list[dict[str, Any]]:
     """One sweep's trials, each with its N, D and parametrization, for `fit_laws`.
 
     Each row is trials.parquet's, plus "N", "D", "parametrization" (see the module
     docstring), "other" (the sampled keys besides lr, seed, N and D, as JSON) and
-    "sweep" (the folder).
+    "sweep" (the folder). A trial whose D is unknown is left out.
     """
     rows, metadata, shown = _trials_of(where)
     base = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
     data = metadata.get("data") if isinstance(metadata.get("data"), dict) else {}
     out = []
     for row in rows:
-        params = json.loads(row.get("params") or "{}")
-        cfg = {**base, **params}
-        if (cfg.get("init_from") or "scratch") != "scratch":
-            raise UserError(
-                f"{shown}: its trials start from {cfg['init_from']}, not from scratch; a "
-                "learning-rate law is fitted on models trained from scratch"
-            )
-        n = row.get("n_params")
-        if n is None:
-            n = _n_from_config(cfg, cfg.get("vocab_size") or data.get("vocab_size"), shown)
-        d = budget(cfg)
-        if d is None and row.get("status") == status.COMPLETED:
-            d = row.get("tokens")
-        if d is None:
-            continue
-        other = {k: v for k, v in sorted(params.items()) if k not in _CURVE_KEYS}
-        out.append(
-            row
-            | {
-                "N": int(n),
-                "D": int(d),
-                "parametrization": str(
-                    row.get("parametrization") or cfg.get("parametrization") or "sp"
-                ),
-                "other": json.dumps(other, default=str),
-                "sweep": shown,
-            }
-        )
+        found = law_row(row, base, data, shown)
+        if found is not None:
+            out.append(found)
     return out
 
 
