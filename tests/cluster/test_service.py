@@ -1,8 +1,9 @@
 """The team service on the session's Ray cluster: the real Serve app over real HTTP, its
 queue admitting sweeps as Ray jobs, cancels, a killed replica, a restart, and the index.
 
-One service (SQLite) serves the module's tests; the PostgreSQL test runs the same core
-on its own database, and the module ends Serve. Each sweep is a two-trial grid of a
+One service (SQLite) serves the killed-replica test; the queue's core, a restart and the
+index's rebuild run on a PostgreSQL database (SQLite where none can start), and the
+module ends Serve. Each sweep is a two-trial grid of a
 model that trains in seconds on the embedded corpus; a sweep that must outlive a kill or
 a restart has steps enough to run until it is cancelled.
 """
@@ -39,9 +40,6 @@ _FLAGS = [
     for word in (flag, value)
 ]
 SWEEP_DONE_S = 150  # a sweep's job: Python, torch and Tune start, two trials of 10 steps
-
-# Every shared sweep this module finished, by name: the index's rebuild reads them again.
-FINISHED: dict[str, int] = {}
 
 
 def short(name: str, concurrent: int) -> list[str]:
@@ -190,11 +188,6 @@ def queue_core(service: Service, restart: bool) -> tuple[int, int]:
     return first, second
 
 
-def test_a_sweep_waits_for_free_cpus_then_runs_and_a_restart_reconciles(service):
-    first, second = queue_core(service, restart=True)
-    FINISHED.update({"alice-first": first, "bob-second": second})
-
-
 def look_at_the_pages(service: Service, running: int, queued: int, folder: Path) -> None:
     """The list and the running sweep's page in headless Chromium, served by the Serve
     replica while the sweep's job trains: both sweeps listed with their status, and the
@@ -293,38 +286,56 @@ def test_killed_replica_restart_and_cancel(service, tmp_path):
     assert queue.counts(service.db)[schema.RUNNING] == 0
 
 
-def test_a_rebuild_from_storage_equals_the_live_index(service, tmp_path):
-    if set(FINISHED) != {"alice-first", "bob-second"}:
-        pytest.skip("needs the sweeps of test_a_sweep_waits_for_free_cpus_then_runs...")
-    rebuilt = schema.connect(str(tmp_path / "rebuilt.db"))
-    found = index.rebuild(rebuilt, str(service.storage))
-    assert set(found.indexed) >= {index.folder_uri(str(service.storage), n) for n in FINISHED}
-    for name, live_id in FINISHED.items():
-        uri = index.folder_uri(str(service.storage), name)
-        live, again = service.row(live_id), _sweep(rebuilt, uri)
-        # The folder's columns; gpus_per_worker is the service's resolved demand (0 here),
-        # which sweep.json leaves null when no --gpus-per-trial was given.
-        decided = set(index.sweep_values(index.read_folder(uri))) - {"gpus_per_worker"}
-        assert {k: live[k] for k in decided} == {k: again[k] for k in decided}, name
-        assert (live["status"], again["status"]) == (schema.SUCCEEDED, schema.SUCCEEDED)
-        assert _trials(service.db, live_id) == _trials(rebuilt, again["id"])
-        assert len(_trials(rebuilt, again["id"])) == 2
+@pytest.fixture
+def queue_db_url(request, tmp_path) -> Any:
+    """A fresh PostgreSQL database's URL; a SQLite file's where no PostgreSQL server can
+    start here (the skip's reason is printed), so the queue's core always runs."""
+    try:
+        server = request.getfixturevalue("postgres_server")
+    except pytest.skip.Exception as why:
+        print(f"[test] no PostgreSQL ({why}): the queue's core runs on SQLite")
+        yield str(tmp_path / "queue.db")
+        return
+    with fresh_database(server) as url:
+        yield url
 
 
-def test_the_queue_core_on_postgresql(service, postgres_server, tmp_path, monkeypatch):
+def test_the_queue_on_postgresql_a_restart_and_a_rebuild(
+    service, queue_db_url, tmp_path, monkeypatch
+):
+    """The queue's core on a PostgreSQL database, the service restarted while a sweep
+    runs; then the storage's folders, rebuilt into a fresh SQLite index, give the rows
+    the live service wrote. (The SQLite service of the killed-replica test runs the same
+    queue, and tests/unit/service runs every query on both databases.)"""
     # The URL holds the server's password: it reaches the replica through this file.
     monkeypatch.setattr(deployment, "DB_URL_FILE", str(tmp_path / "db-url"))
     deployment.stop()
-    with fresh_database(postgres_server) as url:
-        on_postgres = Service(service.storage.parent / "on-postgres", url, service.port)
-        try:
-            on_postgres.start()
-            assert on_postgres.db.dialect.name == "postgresql"
-            queue_core(on_postgres, restart=False)
-        finally:
-            deployment.stop()
-            if on_postgres.db is not None:
-                on_postgres.db.dispose()
+    url = queue_db_url
+    live = Service(service.storage.parent / "on-postgres", url, service.port)
+    try:
+        live.start()
+        assert live.db.dialect.name == ("sqlite" if url.endswith(".db") else "postgresql")
+        first, second = queue_core(live, restart=True)
+        finished = {"alice-first": first, "bob-second": second}
+    finally:
+        deployment.stop()
+    try:
+        rebuilt = schema.connect(str(tmp_path / "rebuilt.db"))
+        found = index.rebuild(rebuilt, str(live.storage))
+        uris = {name: index.folder_uri(str(live.storage), name) for name in finished}
+        assert set(found.indexed) >= set(uris.values())
+        for name, live_id in finished.items():
+            now, again = live.row(live_id), _sweep(rebuilt, uris[name])
+            # The folder's columns; gpus_per_worker is the service's resolved demand
+            # (0 here), which sweep.json leaves null when no --gpus-per-trial was given.
+            decided = set(index.sweep_values(index.read_folder(uris[name])))
+            decided -= {"gpus_per_worker"}
+            assert {k: now[k] for k in decided} == {k: again[k] for k in decided}, name
+            assert (now["status"], again["status"]) == (schema.SUCCEEDED, schema.SUCCEEDED)
+            assert _trials(live.db, live_id) == _trials(rebuilt, again["id"])
+            assert len(_trials(rebuilt, again["id"])) == 2
+    finally:
+        live.db.dispose()
 
 
 def _sweep(db: sa.Engine, uri: str) -> dict[str, Any]:
