@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 import sqlalchemy as sa
-import uvicorn
+from service_http import FixedCluster, served_over_http
 
 import raygpt.service
 from raygpt.config.train import TrainConfig
@@ -37,23 +37,6 @@ from raygpt.sweep import remote
 EXPERIMENT = 'max_steps = 20\neval_interval = 10\n\n[sweep]\noptimizers = ["adamw"]\n'
 
 
-class FixedCluster:
-    """A Runner with fixed cluster totals that starts nothing (the Ray path, a job
-    started, stopped and read, is tested in tests/cluster/test_service.py)."""
-
-    def wake(self) -> None:
-        pass
-
-    def stop_job(self, job_id: str) -> None:
-        raise AssertionError("no job runs in these tests")
-
-    def job_logs(self, job_id: str) -> str:
-        raise AssertionError("no job runs in these tests")
-
-    def cluster(self) -> tuple[dict, dict]:
-        return {"CPU": 8.0}, {"CPU": 8.0}
-
-
 @pytest.fixture(autouse=True)
 def _no_service_in_the_environment(monkeypatch):
     monkeypatch.delenv(remote.SERVICE_ENV, raising=False)
@@ -64,22 +47,8 @@ def _no_service_in_the_environment(monkeypatch):
 def served(db, tmp_path):
     """The app on 127.0.0.1 through Uvicorn, in a thread: (URL, ada's token, bob's)."""
     ada, bob = auth.add_user(db, "ada"), auth.add_user(db, "bob")
-    app = build_app(db, FixedCluster(), str(tmp_path / "results"))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", ada, bob
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with served_over_http(build_app(db, FixedCluster(), str(tmp_path / "results"))) as url:
+        yield url, ada, bob
 
 
 def run(capsys, *argv: str, command=main) -> tuple[int, str, str]:

@@ -11,14 +11,11 @@ bad input is one line and exit 2. No Ray: the app is served by Uvicorn in a thre
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
+from service_http import FixedCluster, served_over_http
 from unit.report.test_lr_law import ALPHA, VOCAB, base_config, trial_rows, truth, write_sweep
 
 from raygpt import results, storage
@@ -122,45 +119,15 @@ def test_filters_choose_the_trials(indexed, sweeps, tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-class NoCluster:
-    """A Runner that starts nothing: lr-law never asks Ray."""
-
-    def wake(self) -> None:
-        pass
-
-    def stop_job(self, job_id: str) -> None:
-        raise AssertionError("no job runs in these tests")
-
-    def job_logs(self, job_id: str) -> str:
-        raise AssertionError("no job runs in these tests")
-
-    def cluster(self) -> tuple[dict, dict]:
-        return {"CPU": 8.0}, {"CPU": 8.0}
-
-
 @pytest.fixture
 def served(indexed, tmp_path, monkeypatch):
     """The app on 127.0.0.1 through Uvicorn, in a thread; the command finds it and a
     token in the environment, as a user's shell would have them."""
     token = auth.add_user(indexed, "ada")
-    app = build_app(indexed, NoCluster(), str(tmp_path / "results"))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    monkeypatch.setenv(remote.SERVICE_ENV, f"http://127.0.0.1:{sock.getsockname()[1]}")
-    monkeypatch.setenv(remote.TOKEN_ENV, token)
-    try:
+    with served_over_http(build_app(indexed, FixedCluster(), str(tmp_path / "results"))) as url:
+        monkeypatch.setenv(remote.SERVICE_ENV, url)
+        monkeypatch.setenv(remote.TOKEN_ENV, token)
         yield token
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -18,15 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from browser import chromium, png_size, screenshot, wait_for
 from conftest import write_trials_parquet
+from service_http import FixedCluster, served_over_http
 
 from raygpt import results, storage
 from raygpt.config.train import TrainConfig
@@ -42,22 +40,6 @@ NAME = "browser-sweep"
 MAX_STEPS = 100
 SWAP_S = pages.REFRESH_S + 8  # one refresh, with room for a loaded machine
 FIRST_S = 30.0  # a first load: the first sweep page imports the live view (Ray Tune)
-
-
-class FixedCluster:
-    """A Runner with no Ray: fixed totals; no read here starts, stops or reads a job."""
-
-    def wake(self) -> None:
-        pass
-
-    def stop_job(self, job_id: str) -> None:
-        raise AssertionError("no job runs in this test")
-
-    def job_logs(self, job_id: str) -> str:
-        raise AssertionError("no job runs in this test")
-
-    def cluster(self) -> tuple[dict, dict]:
-        return {"CPU": 8.0}, {"CPU": 8.0}
 
 
 def record() -> dict:
@@ -133,22 +115,10 @@ def served(tmp_path):
     """(the app's URL, ada's token, the SQLite engine) with Uvicorn in a thread."""
     db = schema.connect(str(tmp_path / "service.db"))
     token = auth.add_user(db, "ada")
-    app = build_app(db, FixedCluster(), str(tmp_path / "results"))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # bound first: the port is ours, no race for a free one
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", token, db
+        with served_over_http(build_app(db, FixedCluster(), str(tmp_path / "results"))) as url:
+            yield url, token, db
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         db.dispose()
 
 
