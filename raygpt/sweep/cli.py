@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     remote = service.service_options(vars(build_parser().parse_args(argv)))
     if remote is not None:
         return service.submit(*remote, build_parser(), argv, train)
+    # The storage too, before torch, Ray and Tune import: a bad URI, bucket or credential
+    # is one line in about a second. The driver resolves it again (cheap) for its own use.
+    from raygpt import storage
+
+    storage.resolve(sweep.storage_path)
     # torch, Ray and Tune, for configs that passed their checks
     from raygpt.sweep import driver, transfer
 

@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     experiment = args.pop("experiment")
     cfg = load_train_config(experiment, args)
+    # The storage too, before torch and Ray import: a bad URI, bucket or credential is
+    # one line in about a second. The driver resolves it again (cheap) for its own use.
+    from raygpt import storage
+
+    storage.resolve(cfg.storage_path)
     from raygpt.train import driver  # torch and Ray, for a config that passed its checks
 
     summary = driver.run(cfg)
