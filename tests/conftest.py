@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,13 @@ def write_trials_parquet(folder: Path, rows: list[dict], metadata: dict) -> Path
         store, f"{store.root}/{results.TRIALS_FILE}", results.with_metadata(table, metadata)
     )
     return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

@@ -14,7 +14,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/local/bin")
 PG_USER = "raygpt_test"
@@ -46,12 +46,6 @@ def _pg_bin(name: str) -> str | None:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +72,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         for path in (root, root / "pw"):
             os.chown(path, owner.pw_uid, owner.pw_gid)
     data, log = root / "data", root / "server.log"
-    port = _free_port()
+    port = free_port()
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(

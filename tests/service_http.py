@@ -12,19 +12,24 @@ from collections.abc import Iterator
 
 
 class FixedCluster:
-    """A Runner with fixed totals; a test that reached a job would fail here."""
+    """A Runner with fixed totals that counts the queue's wake-ups; a test that reached a
+    job would fail here."""
+
+    def __init__(self, totals: dict[str, float] | None = None):
+        self.totals = {"CPU": 8.0} if totals is None else totals
+        self.woken = 0
 
     def wake(self) -> None:
-        pass
+        self.woken += 1
 
     def stop_job(self, job_id: str) -> None:
-        raise AssertionError("no job runs in these tests")
+        raise AssertionError(f"no job runs in these tests (asked to stop {job_id})")
 
     def job_logs(self, job_id: str) -> str:
-        raise AssertionError("no job runs in these tests")
+        raise AssertionError(f"no job runs in these tests (asked for {job_id}'s log)")
 
     def cluster(self) -> tuple[dict, dict]:
-        return {"CPU": 8.0}, {"CPU": 8.0}
+        return dict(self.totals), dict(self.totals)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, step_rows
+from conftest import REPO, free_port, step_rows
 
 TINY = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -32,12 +31,6 @@ TINY = [
     "--warmup-steps", "2", "--log-interval", "100", "--compile", "false",
 ]  # fmt: skip
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -90,20 +83,20 @@ def _wait_for_nodes(port: int, count: int, env: dict[str, str], timeout: float =
 def head(data_dir, tmp_path_factory):
     """`ray start --head --block`; yields (gcs address, dashboard URL on 127.0.0.1, env)."""
     env = _env(data_dir)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     log = (tmp_path_factory.mktemp("head") / "head.log").open("w")
     proc = subprocess.Popen(
         [
             RAY, "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-            f"--ray-client-server-port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
+            f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
             # Ports of their own: the suite's private cluster (ray_cluster) may still run,
             # and its dashboard agent holds the default 52365; the job server would then
             # ask that cluster's agent, which refuses ("No available agent").
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

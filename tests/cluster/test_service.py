@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import TINY_SWEEP
+from conftest import TINY_SWEEP, free_port
 from postgres import fresh_database
 
 from raygpt.service import auth, deployment, index, queue
@@ -122,12 +121,6 @@ def wait_for(check, timeout_s: float, what) -> Any:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def job_status(job_id: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
@@ -142,7 +135,7 @@ def service(ray_cluster, tmp_path_factory):
     from ray import serve
 
     root = tmp_path_factory.mktemp("service")
-    running = Service(root / "results", str(root / "service.db"), _free_port())
+    running = Service(root / "results", str(root / "service.db"), free_port())
     running.start()
     yield running
     deployment.stop()

@@ -13,6 +13,7 @@ import re
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from service_http import FixedCluster
 
 from raygpt.service import auth
 from raygpt.service import db as schema
@@ -31,29 +32,6 @@ num_samples = 4
 workers_per_trial = 2
 """
 TEXT = "hello raygpt service\n" * 50
-
-
-class FixedCluster:
-    """A Runner that starts nothing: fixed cluster totals, and a count of the queue's
-    wake-ups. It serves only the paths that never reach a Ray job (submit, list, show,
-    query, the pages, auth, and cancelling a queued sweep); the Ray path (a job started,
-    its log, a running sweep stopped) is tested in tests/cluster/test_service.py."""
-
-    def __init__(self, totals: dict[str, float]):
-        self.totals = totals
-        self.woken = 0
-
-    def wake(self) -> None:
-        self.woken += 1
-
-    def stop_job(self, job_id: str) -> None:
-        raise AssertionError(f"no job runs in these tests (asked to stop {job_id})")
-
-    def job_logs(self, job_id: str) -> str:
-        raise AssertionError(f"no job runs in these tests (asked for {job_id}'s log)")
-
-    def cluster(self) -> tuple[dict, dict]:
-        return dict(self.totals), dict(self.totals)
 
 
 @pytest.fixture
