@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from raygpt.errors import UserError
 from raygpt.model import hf as hf_adapter
@@ -23,8 +22,12 @@ def model() -> GPT:
     return GPT(tiny_config()).eval()
 
 
-def save_hf_gpt2(directory, fmt: str) -> GPT2LMHeadModel:
+def save_hf_gpt2(directory, fmt: str):
     """Save a small random HF GPT-2 in `fmt` and return it (in eval mode)."""
+    # Here, not at the top: transformers costs ~3 s to import, and every test worker
+    # collects this module while only the tests that call this need it.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(1)
     hf_config = GPT2Config(
         n_layer=2,

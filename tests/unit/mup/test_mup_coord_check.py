@@ -75,6 +75,8 @@ def test_the_command_writes_its_figure_and_table(data_dir, tmp_path):
     out = tmp_path / "cc"
     args = ["coord-check", "--parametrization", "mup", "--widths", "64,128,256", "--steps", "5"]
     args += ["--seeds", "2", "--n-layer", "2", "--n-head", "2", "--out", str(out)]
+    # TINY's batch and learning rate, as flags: the in-process checks above pass with them.
+    args += ["--batch-size", "8", "--block-size", "32", "--learning-rate", "1e-3"]
     done = subprocess.run(
         [sys.executable, "-m", "raygpt.mup", *args],
         cwd=REPO,
