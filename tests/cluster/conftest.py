@@ -1,14 +1,18 @@
 """The multi-node drill, run once for the tests that read it: a Ray cluster of a CPU-less
 head and two 1-CPU nodes (tests/cluster/drills/two_nodes.py) trains across nodes onto S3,
-sweeps on both, then loses the node that hosts a run's worker."""
+sweeps on both, then loses the node that hosts a run's worker. It starts in the
+background with the session's first test and is read when a test needs its result."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +29,65 @@ class Drill:
     local_dir: Path  # where the node-loss run wrote
 
 
+DRILL = REPO / "tests/cluster/drills/two_nodes.py"
+DRILL_UP = "[drill] cluster up at"  # what the drill prints once its cluster is up (CLUSTER_UP)
+DRILL_TIMEOUT_S = 700
+
+
+@dataclass
+class DrillProcess:
+    process: subprocess.Popen
+    log: Path  # its stdout and stderr
+    storage: str
+    local_dir: Path
+
+
 @pytest.fixture(scope="session")
-def two_node_drill(s3_endpoint, data_dir, tmp_path_factory) -> Drill:
+def drill_process(s3_endpoint, data_dir, tmp_path_factory) -> Iterator[DrillProcess]:
+    """The drill, started in the background: most of its ~80 s is Ray starting nodes and
+    worker groups and noticing a lost node, time the tests beside it use."""
     storage = s3_uri(s3_endpoint, TEST_BUCKET, f"drill-{uuid.uuid4().hex[:12]}")
     local_dir = tmp_path_factory.mktemp("node-loss")
+    log = tmp_path_factory.mktemp("drill") / "drill.log"
     env = {**os.environ, "RAYGPT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    drill = subprocess.run(
-        [sys.executable, str(REPO / "tests/cluster/drills/two_nodes.py"), storage, str(local_dir)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=700,
-    )  # fmt: skip
-    assert drill.returncode == 0, drill.stderr[-4000:] + drill.stdout[-2000:]
+    env.pop("RAY_ADDRESS", None)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(DRILL), storage, str(local_dir)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    # Until its cluster is up, the drill's head is this machine's recorded current cluster
+    # (Ray's Cluster() writes the record, the drill then drops it): no test starts before.
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if DRILL_UP in log.read_text(errors="replace"):
+            break
+        time.sleep(0.2)
+    yield DrillProcess(process, log, storage, local_dir)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drill_started_first(request) -> None:
+    """Starts the drill with the session's first test, where a test of the session needs it."""
+    if any("two_node_drill" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("drill_process")
+
+
+@pytest.fixture(scope="session")
+def two_node_drill(drill_process) -> Drill:
+    try:
+        drill_process.process.wait(timeout=DRILL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(drill_process.process.pid, signal.SIGKILL)
+        drill_process.process.wait()
+    output = drill_process.log.read_text(errors="replace")
+    assert drill_process.process.returncode == 0, output[-6000:]
     # Ray may print worker lines after it; the drill's own line is the JSON object.
-    result = json.loads(next(x for x in drill.stdout.splitlines()[::-1] if x.startswith("{")))
-    return Drill(result, drill.stdout + drill.stderr, storage, local_dir)
+    result = json.loads(next(x for x in output.splitlines()[::-1] if x.startswith("{")))
+    return Drill(result, output, drill_process.storage, drill_process.local_dir)
 
 
 # How long a finished test's actors and placement groups get to release the session
@@ -58,7 +108,6 @@ def session_cluster_released(request):
     yield
     if "ray_cluster" not in request.fixturenames:
         return
-    import time
     import warnings
 
     import ray

@@ -46,9 +46,11 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+RECORD = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
 def _recorded_address() -> str:
-    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    return path.read_text().strip() if path.exists() else ""
+    return RECORD.read_text().strip() if RECORD.exists() else ""
 
 
 def _wait_for_nodes(port: int, count: int, env: dict[str, str], timeout: float = 120) -> str:
@@ -105,6 +107,10 @@ def head(data_dir, tmp_path_factory):
         yield address, f"http://127.0.0.1:{dashboard}", env
     finally:
         _kill(proc)
+        # Killed, the head leaves `ray start`'s record of its address behind, and Ray's
+        # own `ray.init()` in a later test would wait on that dead address for a minute.
+        if _recorded_address().endswith(f":{port}"):
+            RECORD.unlink(missing_ok=True)
 
 
 def test_train_joins_the_running_cluster_by_default(head, tmp_path):

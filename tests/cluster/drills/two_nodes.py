@@ -13,8 +13,10 @@ and the node removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,10 @@ from raygpt.config.train import TrainConfig
 from raygpt.sweep import cli as sweep_cli
 from raygpt.sweep import driver as sweep_driver
 from raygpt.train import driver as train_driver
+
+# The line the drill prints once its cluster is up (and no longer recorded as the
+# machine's current cluster); tests/cluster/conftest.py waits for it.
+CLUSTER_UP = "[drill] cluster up at"
 
 SHORT = dict(
     n_layer=2, n_head=2, n_embd=32, block_size=32, max_steps=12, lr_decay_steps=12,
@@ -99,6 +105,13 @@ def lose_a_node(cluster: Cluster, nodes: list, local_dir: str) -> dict:
     return {"removed_node": removed.get("node"), "summary": summary}
 
 
+def _drop_record(head_address: str) -> None:
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if record.read_text().strip() == head_address:  # not another cluster's since
+            record.unlink()
+
+
 def main(storage: str, local_dir: str) -> None:
     # A node that dies is declared dead after 3 missed 1-s health checks rather than
     # Ray's default of 5 missed 3-s checks, so its run's restart waits seconds, not 15;
@@ -109,9 +122,14 @@ def main(storage: str, local_dir: str) -> None:
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
+    # Cluster() records its head as this machine's current cluster, which a `ray.init()`
+    # or `raygpt.train` elsewhere on the machine would then join. This drill runs beside
+    # other tests and joins by address, so the record goes at once.
+    _drop_record(cluster.gcs_address)
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    print(f"{CLUSTER_UP} {cluster.gcs_address}", flush=True)
     try:
         spread = train_driver.run(
             TrainConfig(
