@@ -108,7 +108,7 @@ def head(data_dir, tmp_path_factory):
     finally:
         _kill(proc)
         # Killed, the head leaves `ray start`'s record of its address behind, and Ray's
-        # own `ray.init()` in a later test would wait on that dead address for a minute.
+        # own `ray.init()` in a later test would wait on that dead address until it timed out.
         if _recorded_address().endswith(f":{port}"):
             RECORD.unlink(missing_ok=True)
 
