@@ -172,10 +172,12 @@ def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
 
     On object storage a read is a HEAD and then ranged GETs, so a reader that overlaps
     a rewrite of the object (trials.parquet while a sweep runs) can get bytes of both
-    versions. Every writer here replaces a file whole within a second, so a read that
-    does not parse is retried a few times before it counts as damaged.
+    versions. Every writer here replaces a file whole within a second, so there a read
+    that does not parse is retried a few times before it counts as damaged. A local
+    file is replaced by a rename, which no reader sees halfway, so it is read once.
     """
-    for attempt in range(READ_RETRIES):
+    attempts = 1 if storage.is_local else READ_RETRIES
+    for attempt in range(attempts):
         try:
             data = storage.read_bytes(fs_path)
         except FileNotFoundError:
@@ -183,7 +185,7 @@ def read_table(storage: Storage, fs_path: str) -> pa.Table | None:
         try:
             return parse_parquet(data)
         except pa.ArrowInvalid:
-            if attempt == READ_RETRIES - 1:
+            if attempt == attempts - 1:
                 raise
             time.sleep(0.5)
     raise AssertionError("unreachable")

@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from s3server import TEST_BUCKET, list_buckets, list_keys, make_bucket, s3_uri, start_server
 
-from raygpt import storage
+from raygpt import results, storage
 from raygpt.cluster import storage_check
 from raygpt.errors import UserError
 from raygpt.storage import Storage, resolve
@@ -134,6 +136,27 @@ def test_pickled_storage_reads_the_same_object(store):
     assert copy.read_bytes(copy.path("x.txt")) == b"shared"
     copy.write_bytes(copy.path("y.txt"), b"back")
     assert store.read_bytes(store.path("y.txt")) == b"back"
+
+
+def test_a_parquet_read_is_retried_on_object_storage_and_not_locally(store, monkeypatch):
+    """An object read overlapping a rewrite can hold bytes of both versions, so a read of
+    bad bytes there is retried; a local file is swapped by a rename and is read once."""
+    path = store.path(results.TRIALS_FILE)
+    store.write_bytes(path, b"PAR1 torn")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"step": [1, 2]}), sink)
+    reads: list[str] = []
+    read_bytes = Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_bytes", lambda s, p: reads.append(p) or read_bytes(s, p))
+    # The writer finishes while the reader waits to try again.
+    monkeypatch.setattr(results.time, "sleep", lambda s: store.write_bytes(path, sink.getvalue()))
+    if store.is_local:
+        with pytest.raises(pa.ArrowInvalid):
+            results.read_table(store, path)
+        assert reads == [path]
+    else:
+        assert results.read_table(store, path).column("step").to_pylist() == [1, 2]
+        assert reads == [path, path]
 
 
 # ---------------------------------------------------------------------------------------
