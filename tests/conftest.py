@@ -197,6 +197,20 @@ def run_module(module: str, *args, timeout: float = 120) -> subprocess.Completed
     )
 
 
+def run_main(main, *args, capfd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A CLI's `main(ARGS)` in this process, under `env` if given: its exit code and what it
+    printed, as `run_module` gives them. A second interpreter importing torch costs seconds,
+    so a command's process is left to the tests of the command as a user types it."""
+    argv = list(map(str, args))
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        code = main(argv)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: bitwise comparisons, and the machine's cores are shared."""

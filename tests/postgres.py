@@ -1,6 +1,6 @@
 """A real PostgreSQL 15 server for the tests that need one: started once per session
 from Debian's binaries on 127.0.0.1 with a password-protected role, stopped at the end,
-and a fresh database per test. tests/unit/service/ and tests/cluster/test_service.py use it.
+and an empty database per test. tests/unit/service/ and tests/cluster/test_service.py use it.
 
 PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system
 user (runuser), in a folder of its own. Where it cannot be started (no binaries, no
@@ -100,17 +100,33 @@ def postgres_server() -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Databases a finished test emptied, by server, for the next test to take. Creating a
+# database copies a template (~0.2 s here); emptying one is a few milliseconds.
+_SPARE: dict[PostgresServer, list[str]] = {}
+
+
 @contextlib.contextmanager
 def fresh_database(server: PostgresServer) -> Iterator[str]:
-    """A new, empty database on `server` for one test; its URL. Dropped afterwards."""
+    """An empty database on `server` for one test; its URL. Afterwards its connections are
+    closed and its schema dropped and made anew, and it waits for the next test."""
     import psycopg
 
-    name = f"t_{uuid.uuid4().hex[:16]}"
     admin = dict(host=server.host, port=server.port, user=server.user, password=server.password)
-    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.url(name)
-    finally:
+    spare = _SPARE.setdefault(server, [])
+    if spare:
+        name = spare.pop()
+    else:
+        name = f"t_{uuid.uuid4().hex[:16]}"
         with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    yield server.url(name)
+    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    with psycopg.connect(dbname=name, autocommit=True, **admin) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute(f'CREATE SCHEMA public AUTHORIZATION "{server.user}"')
+    spare.append(name)

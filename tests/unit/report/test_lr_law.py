@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line, run_module, write_trials_parquet
+from conftest import one_line, run_main, run_module, write_trials_parquet
 
 from raygpt import results
 from raygpt.errors import UserError
 from raygpt.model import sizes
 from raygpt.model.sizes import non_embedding_params
+from raygpt.report import driver as report_driver
 from raygpt.report.transfer import law_outputs, law_rows
 from raygpt.report.transfer.law import fit_law, fit_laws
 
@@ -279,6 +280,12 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return run_module("raygpt.report", *args)
 
 
+@pytest.fixture(name="call_cli")
+def call_cli_fixture(capfd):
+    """raygpt.report's main in this process (the command's own process is run above)."""
+    return lambda *args: run_main(report_driver.main, *args, capfd=capfd)
+
+
 def assert_refused(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -309,11 +316,11 @@ def test_cli_prints_a_line_per_optimizer_and_writes_lr_law_json(sweeps):
     assert record["sweeps"] == [str(s) for s in sweeps]
 
 
-def test_cli_refuses_to_extrapolate_100x_without_the_flag(sweeps, tmp_path):
-    line = assert_refused(run_cli("--lr-law", *sweeps, "--predict", "N=700M,D=4e6"))
+def test_cli_refuses_to_extrapolate_100x_without_the_flag(sweeps, tmp_path, call_cli):
+    line = assert_refused(call_cli("--lr-law", *sweeps, "--predict", "N=700M,D=4e6"))
     assert "111x outside the range" in line and "--extrapolate" in line
     assert not (sweeps[0] / law_outputs.LAW_FILE).exists()  # nothing written when refused
-    proc = run_cli(
+    proc = call_cli(
         "--lr-law",
         *sweeps,
         "--predict",
@@ -328,12 +335,12 @@ def test_cli_refuses_to_extrapolate_100x_without_the_flag(sweeps, tmp_path):
     assert not (tmp_path / "out" / law_outputs.LAW_PLOT).exists()
 
 
-def test_cli_bad_input_is_one_line(tmp_path, sweeps):
-    line = assert_refused(run_cli("--lr-law", tmp_path / "no-such-sweep"))
+def test_cli_bad_input_is_one_line(tmp_path, sweeps, call_cli):
+    line = assert_refused(call_cli("--lr-law", tmp_path / "no-such-sweep"))
     assert "no-such-sweep" in line
     one = write_sweep(
         tmp_path / "one", trial_rows([64], 1000, np.random.default_rng(6)), base_config(1000)
     )
-    assert "1 size(s)" in assert_refused(run_cli("--lr-law", one))
-    assert "go with --lr-law" in assert_refused(run_cli(sweeps[0], "--predict", "N=1M"))
-    assert "put" in assert_refused(run_cli(sweeps[0], "--lr-law", sweeps[1]))
+    assert "1 size(s)" in assert_refused(call_cli("--lr-law", one))
+    assert "go with --lr-law" in assert_refused(call_cli(sweeps[0], "--predict", "N=1M"))
+    assert "put" in assert_refused(call_cli(sweeps[0], "--lr-law", sweeps[1]))

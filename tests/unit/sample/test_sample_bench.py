@@ -1,4 +1,8 @@
-"""The sample and bench CLIs, end to end in subprocesses (fast: no Ray, no network)."""
+"""The sample and bench CLIs, end to end (fast: no Ray, no network).
+
+Each command's first test runs it as its own process, as a user types it; the others call
+its `main` in this process, which prints, writes and returns the exit code the same way
+and saves the seconds of a second interpreter importing torch."""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_main
 
-from raygpt import checkpoint
+from raygpt import bench, checkpoint, sample
 from raygpt.config.train import TrainConfig
 from raygpt.model.gpt import GPT, GPTConfig
 
@@ -80,7 +84,7 @@ def samples(stdout: str) -> list[str]:
     return [p.removesuffix("\n") for p in parts[:-1]]
 
 
-def test_sample_prints_vocabulary_text_and_is_deterministic(ckpt, env):
+def test_sample_prints_vocabulary_text_and_is_deterministic(ckpt, env, capfd):
     args = ["raygpt.sample", "--checkpoint", str(ckpt), "--num-samples", "2"]
     args += ["--max-new-tokens", "20", "--seed", "1"]
     first = run(args, env)
@@ -91,24 +95,26 @@ def test_sample_prints_vocabulary_text_and_is_deterministic(ckpt, env):
         assert len(text) == 1 + 20  # the "\n" prompt and 20 characters
         assert set(text) <= set(TEXT)
     assert texts[0] != texts[1]
-    assert run(args, env).stdout == first.stdout
-    other = run([*args[:-1], "2"], env)
+    # The same seed again, and another seed: in this process, the same command.
+    again = run_main(sample.main, *args[1:], capfd=capfd, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    other = run_main(sample.main, *args[1:-1], "2", capfd=capfd, env=env)
     assert other.returncode == 0 and other.stdout != first.stdout
 
 
-def test_sample_from_run_folder_with_prompt_file(ckpt, env, tmp_path):
+def test_sample_from_run_folder_with_prompt_file(ckpt, env, tmp_path, capfd):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Speak")
-    args = ["raygpt.sample", "--checkpoint", str(ckpt.parent), "--start", f"FILE:{prompt}"]
+    args = ["--checkpoint", str(ckpt.parent), "--start", f"FILE:{prompt}"]
     args += ["--num-samples", "1", "--max-new-tokens", "5", "--top-k", "1"]
-    result = run(args, env)
+    result = run_main(sample.main, *args, capfd=capfd, env=env)
     assert result.returncode == 0, result.stderr
     (text,) = samples(result.stdout)
     assert text.startswith("Speak") and len(text) == 10
 
 
-def test_sample_unknown_prompt_character_is_one_error_line(ckpt, env):
-    result = run(["raygpt.sample", "--checkpoint", str(ckpt), "--start", "Zebra"], env)
+def test_sample_unknown_prompt_character_is_one_error_line(ckpt, env, capfd):
+    result = run_main(sample.main, "--checkpoint", ckpt, "--start", "Zebra", capfd=capfd, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -116,17 +122,16 @@ def test_sample_unknown_prompt_character_is_one_error_line(ckpt, env):
     assert result.stdout == ""
 
 
-def test_sample_missing_checkpoint_exits_2(tmp_path, env):
-    result = run(
-        ["raygpt.sample", "--checkpoint", "no-such-run", "--storage-path", str(tmp_path)], env
-    )
+def test_sample_missing_checkpoint_exits_2(tmp_path, env, capfd):
+    args = ["--checkpoint", "no-such-run", "--storage-path", tmp_path]
+    result = run_main(sample.main, *args, capfd=capfd, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no checkpoint"), result.stderr
 
 
-def test_sample_needs_a_source(env):
-    result = run(["raygpt.sample"], env)
+def test_sample_needs_a_source(env, capfd):
+    result = run_main(sample.main, capfd=capfd, env=env)
     assert result.returncode == 2
     assert result.stderr.startswith("error: give --checkpoint")
 
@@ -148,8 +153,8 @@ def test_bench_tiny_config_prints_tokens_per_second(tmp_path, env):
     assert report["tokens_per_step"] == 2 * 16
 
 
-def test_bench_bad_flag_is_one_error_line(env):
-    result = run(["raygpt.bench", "--bench-steps", "0", "--synthetic"], env)
+def test_bench_bad_flag_is_one_error_line(env, capfd):
+    result = run_main(bench.main, "--bench-steps", "0", "--synthetic", capfd=capfd, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --bench-steps must be >= 1, got 0"]
 
@@ -174,7 +179,6 @@ class FakeEncoding:
 def test_sample_init_from_local_gpt2_directory(tmp_path, monkeypatch, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raygpt import sample
     from raygpt.data import tokenizers
 
     torch.manual_seed(0)
