@@ -1,6 +1,7 @@
 """The service's users, their quotas, and the API tokens they sign in with.
 
-A token is `secrets.token_urlsafe(32)` (256 random bits), handed out once, by
+A token is `secrets.token_urlsafe(32)` (256 random bits, never starting with "-", which
+`--token TOKEN` would read as a flag), handed out once, by
 `add_user` or `issue_token`, to the caller, who hands it to the person. The database
 keeps only its sha256 hex: a copy of the database, a backup or a query log holds
 nothing that signs in, and a random 256-bit token needs no salt or slow hash (there is
@@ -83,12 +84,20 @@ def issue_token(db: sa.Engine, name: str) -> str:
 
 
 def _new_token(conn: sa.Connection, name: str) -> str:
-    token = secrets.token_urlsafe(32)
+    token = random_token()
     conn.execute(
         sa.insert(tokens).values(
             user_name=name, token_sha256=token_hash(token), created_at=time.time()
         )
     )
+    return token
+
+
+def random_token() -> str:
+    """256 random bits, URL-safe. One draw in 64 starts with "-", which a command line
+    (`--token TOKEN`) takes for a flag; such a draw is drawn again."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
     return token
 
 

@@ -41,6 +41,16 @@ def test_a_token_is_shown_once_and_kept_only_as_its_hash(db, caplog):
     assert token not in caplog.text and second not in caplog.text
 
 
+def test_no_token_starts_with_a_dash(db, monkeypatch):
+    """`--token -x...` reads as a missing value and another flag, so a draw starting with
+    "-" is drawn again."""
+    draws = iter(["-x" + "a" * 41, "b" * 43])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(draws))
+    assert auth.add_user(db, "ada") == "b" * 43
+    monkeypatch.undo()
+    assert not any(auth.random_token().startswith("-") for _ in range(2000))
+
+
 def test_a_revoked_token_is_refused(db):
     ada = auth.add_user(db, "ada")
     bob = auth.add_user(db, "bob", gpu_quota=0, cpu_quota=2)
