@@ -120,7 +120,7 @@ def session_cluster_released(request):
     def released(within_s: float) -> bool:
         deadline = time.monotonic() + within_s
         while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-            time.sleep(1.0)
+            time.sleep(0.1)
         return ray.available_resources().get("CPU", 0) >= total
 
     if released(RELEASE_WAIT_S):

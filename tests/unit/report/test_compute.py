@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from builders import TuneTrial
-from conftest import REPO
+from conftest import REPO, run_main
 
 from raygpt import results, storage
 from raygpt.model import sizes
 from raygpt.report import compute, tables
+from raygpt.report import driver as report_driver
 from raygpt.report import summary as report_summary
 
 
@@ -181,8 +182,9 @@ def test_trials_table_fills_the_compute_columns(tmp_path):
     assert row["flops"] == 800_000 * 20 * 64
 
 
-def test_cli_gpu_hour_price(tmp_path):
+def test_cli_gpu_hour_price(tmp_path, capfd):
     folder = _write(tmp_path / "s", [_row("a", flops=1e12, device_seconds=7200.0, gpu_hours=2.0)])
+    # The command as its own process; its refusal in this process.
     proc = subprocess.run(
         [sys.executable, "-m", "raygpt.report", str(folder), "--no-plots", "--gpu-hour-price", "3"],
         cwd=REPO,
@@ -192,13 +194,7 @@ def test_cli_gpu_hour_price(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "cost 6.00 at 3 per GPU-hour" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "raygpt.report", str(folder), "--gpu-hour-price", "cheap"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_main(report_driver.main, folder, "--gpu-hour-price", "cheap", capfd=capfd)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --gpu-hour-price 'cheap' must be a number >= 0 (the price of a GPU-hour)"
     ]

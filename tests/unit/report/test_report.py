@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_module
+from conftest import run_main, run_module
 
 from raygpt import results
 from raygpt.errors import UserError
@@ -409,15 +409,15 @@ def test_cli_prints_best_lr_and_pngs(sweep, tmp_path):
         _assert_png(tmp_path / "cli" / name)
 
 
-def test_cli_no_plots(sweep):
-    proc = _run_cli(sweep, "--no-plots")
+def test_cli_no_plots(sweep, capfd):
+    proc = run_main(report_driver.main, sweep, "--no-plots", capfd=capfd)
     assert proc.returncode == 0, proc.stderr
     assert "adamw at lr 0.001" in proc.stdout and "wrote" not in proc.stdout
     assert not list(sweep.glob("*.png"))
 
 
-def test_cli_missing_dir_exits_2(tmp_path):
-    proc = _run_cli(tmp_path / "no-such-sweep")
+def test_cli_missing_dir_exits_2(tmp_path, capfd):
+    proc = run_main(report_driver.main, tmp_path / "no-such-sweep", capfd=capfd)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

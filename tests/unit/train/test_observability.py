@@ -13,9 +13,10 @@ import sys
 
 import pytest
 from builders import ITEMS, write_jsonl
-from conftest import REPO, step_rows, tiny_config
+from conftest import REPO, run_main, step_rows, tiny_config
 from conftest import TINY_IN_PROCESS as TINY
 
+from raygpt import sample
 from raygpt.eval import hellaswag, scoring
 from raygpt.model import loading
 from raygpt.model.gpt import GPT, GPTConfig
@@ -148,18 +149,13 @@ def test_interactive_sample_reads_prompts_until_quit(observed):
     assert len(errors) == 1 and "'\u2603'" in errors[0]
 
 
-def test_interactive_sample_stops_at_end_of_input(observed):
+def test_interactive_sample_stops_at_end_of_input(observed, capfd, monkeypatch):
     run_dir, _, _ = observed
     args = ["--checkpoint", str(run_dir), "--interactive", "--max-new-tokens", "5"]
     args += ["--num-samples", "2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "raygpt.sample", *args],
-        input="x",
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # In this process: the test above runs the command as its own process.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x"))
+    result = run_main(sample.main, *args, capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(SEPARATOR) == 2
 

@@ -5,18 +5,17 @@ read back record by record), MLflow on a local file store. One tiny in-process r
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, step_rows, tiny_config
 from conftest import TINY_IN_PROCESS as TINY
+from conftest import run_main, step_rows, tiny_config
 
 from raygpt.config.train import load_train_config
 from raygpt.errors import UserError
+from raygpt.train import cli as train_cli
 from raygpt.train import driver as train_driver
 from raygpt.train import trackers
 
@@ -98,24 +97,13 @@ def test_mlflow_file_store_holds_the_metric_history(tracked):
 
 
 @pytest.mark.parametrize("package", ["wandb", "mlflow"])
-def test_missing_tracker_package_is_one_line_before_ray(tmp_path, package):
-    # The package made unimportable in a fresh interpreter, as if it were not installed.
-    code = (
-        f"import sys; sys.modules[{package!r}] = None\n"
-        "from raygpt.train.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
+def test_missing_tracker_package_is_one_line_before_ray(tmp_path, package, capfd, monkeypatch):
+    # The package made unimportable, as if it were not installed: find_spec finds None.
+    monkeypatch.setitem(sys.modules, package, None)
     flag = ["--wandb", "p"] if package == "wandb" else ["--mlflow", str(tmp_path / "mlruns")]
     args = ["--storage-path", str(tmp_path / "results"), "--name", "r", *flag]
-    env = {**os.environ, "RAYGPT_DATA_DIR": str(tmp_path / "data")}
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {"RAYGPT_DATA_DIR": str(tmp_path / "data")}
+    result = run_main(train_cli.main, *args, capfd=capfd, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: --{package} needs the {package} package: pip install 'raygpt[{package}]'"
