@@ -107,8 +107,10 @@ _SPARE: dict[PostgresServer, list[str]] = {}
 
 @contextlib.contextmanager
 def fresh_database(server: PostgresServer) -> Iterator[str]:
-    """An empty database on `server` for one test; its URL. Afterwards its connections are
-    closed and its schema dropped and made anew, and it waits for the next test."""
+    """An empty database on `server` for one test; its URL. When the test passes, the
+    database's connections are closed and its schema dropped and made anew, and it waits
+    for the next test; a failed test's database is left as it was (the server and its
+    folder go at the session's end) and never handed out again."""
     import psycopg
 
     admin = dict(host=server.host, port=server.port, user=server.user, password=server.password)
