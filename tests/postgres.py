@@ -107,10 +107,11 @@ _SPARE: dict[PostgresServer, list[str]] = {}
 
 @contextlib.contextmanager
 def fresh_database(server: PostgresServer) -> Iterator[str]:
-    """An empty database on `server` for one test; its URL. When the test passes, the
-    database's connections are closed and its schema dropped and made anew, and it waits
-    for the next test; a failed test's database is left as it was (the server and its
-    folder go at the session's end) and never handed out again."""
+    """An empty database on `server` for one test; its URL. When the block ends (a
+    fixture's teardown ends it, whether the test passed or failed), the database's
+    connections are closed and its schema dropped and made anew, and it waits for the
+    next test. An error raised inside the block leaves the database as it was, never
+    handed out again; the server's folder goes at the session's end."""
     import psycopg
 
     admin = dict(host=server.host, port=server.port, user=server.user, password=server.password)
