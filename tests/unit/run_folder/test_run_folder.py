@@ -223,7 +223,7 @@ def test_lock_is_released_on_error_and_interrupt(lock_store):
 
 
 def test_a_stale_lease_is_taken_over_and_a_live_one_keeps_beating(lock_store, monkeypatch, capsys):
-    monkeypatch.setenv(run_folder.STALE_ENV, "1.5")
+    monkeypatch.setenv(run_folder.STALE_ENV, "1.0")
     path = lock_store.path(run_folder.LOCKS_DIR, "exp.json")
     old = time.time() - 30
     record = {"host": "elsewhere", "pid": 4242, "token": "t" * 32}
@@ -235,7 +235,7 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_keeps_beating(lock_store, mo
         assert "took over the lock on run 'exp' from host elsewhere, pid 4242" in out
         assert "no heartbeat for 30 s" in out
         first_beat = _lease(lock_store)["heartbeat_at"]
-        time.sleep(2.5)  # > the stale timeout: only the heartbeats (every 0.5 s) keep it
+        time.sleep(1.3)  # > the stale timeout: only the heartbeats (every 1/3 s) keep it
         assert _lease(lock_store)["heartbeat_at"] > first_beat
         with pytest.raises(UserError, match="in use by host"), run_folder.lock(lock_store, "exp"):
             pass
