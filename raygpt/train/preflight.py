@@ -30,9 +30,12 @@ def check_inputs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def check_trackers(cfg: TrainConfig) -> None:
-    """--wandb / --mlflow without their package: said first, before anything is written
-    (the data cache included)."""
+    """--wandb / --mlflow without their package, and an MLflow server that cannot be
+    reached or refuses the credentials: said first, before anything is written (the data
+    cache included)."""
     trackers.check_installed(cfg)
+    if cfg.mlflow is not None:
+        trackers.check_mlflow_server(cfg.mlflow)
 
 
 def data_record(meta: dict[str, Any]) -> dict[str, Any]:

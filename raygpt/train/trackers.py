@@ -16,6 +16,7 @@ and only rank 0 calls it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from raygpt import results
 from raygpt.errors import UserError, first_line
-from raygpt.redact import redact, redact_config
+from raygpt.redact import MASK, redact, redact_config
 
 # The numbers of a step row worth a curve: everything numeric but the step itself (the
 # x axis) and the configured learning rate (a parameter, not a metric).
@@ -48,6 +49,86 @@ def check_installed(cfg: Any) -> None:
     for key in ("wandb", "mlflow"):
         if getattr(cfg, key) is not None and importlib.util.find_spec(key) is None:
             raise UserError(f"--{key} needs the {key} package: pip install 'raygpt[{key}]'")
+
+
+# What MLflow's client sends, read from the same variables (mlflow.environment_variables).
+_MLFLOW_USER, _MLFLOW_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+_MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
+# Auth the check cannot reproduce (a plugin, AWS SigV4): the run's own client decides.
+_MLFLOW_OTHER_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
+MLFLOW_CHECK_TIMEOUT_S = 10.0
+
+
+def check_mlflow_server(uri: str) -> None:
+    """Before anything is written: an http(s) --mlflow server answers and takes the
+    credentials the run will send. MLflow's client would find out only inside the loop,
+    after the run folder exists, and retries an unreachable server for minutes.
+
+    One GET of the REST API's experiment lookup, with MLflow's own credentials (the
+    URI's user:password, else MLFLOW_TRACKING_USERNAME / _PASSWORD, else
+    MLFLOW_TRACKING_TOKEN) and TLS settings. 401 and 403 are refusals; any other answer
+    (a 404 for an experiment not yet made) is a server that let the request in."""
+    import base64
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or any(os.environ.get(k) for k in _MLFLOW_OTHER_AUTH):
+        return
+    shown = redact(uri)
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    if parts.password is None:
+        user, password = os.environ.get(_MLFLOW_USER, ""), os.environ.get(_MLFLOW_PASSWORD, "")
+    base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_MLFLOW_EXPERIMENT
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(experiment)}"
+    )
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    elif os.environ.get(_MLFLOW_TOKEN):
+        request.add_header("Authorization", f"Bearer {os.environ[_MLFLOW_TOKEN]}")
+    context = None
+    if parts.scheme == "https":
+        context = ssl.create_default_context(
+            cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+        )
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+            context.load_cert_chain(os.environ["MLFLOW_TRACKING_CLIENT_CERT_PATH"])
+
+    def hidden(text: str) -> str:
+        lines = redact(text).strip().splitlines()
+        line = lines[0] if lines else ""
+        return line.replace(password, MASK) if password else line
+
+    try:
+        with urllib.request.urlopen(request, timeout=MLFLOW_CHECK_TIMEOUT_S, context=context):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            return
+        said = err.read(2000).decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            body = json.loads(said)
+            said = ": ".join(str(body[k]) for k in ("error_code", "message") if body.get(k))
+        raise UserError(
+            f"--mlflow {shown}: the server refused the credentials (HTTP {err.code} "
+            f"{hidden(said) or err.reason}); set the user and password in {_MLFLOW_USER} and "
+            f"{_MLFLOW_PASSWORD} (or {_MLFLOW_TOKEN}) or in the URI"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        said = hidden(str(reason)) or type(reason).__name__
+        raise UserError(
+            f"--mlflow {shown}: cannot reach the tracking server ({said}); check the URI and "
+            "that the server is running"
+        ) from None
 
 
 def metrics_of(row: dict[str, Any]) -> dict[str, float]:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import step_metadata
+from conftest import free_port, step_metadata
 from mlflow_server import (
     SECRET,
     USER,
@@ -249,4 +250,43 @@ def test_wrong_mlflow_password_is_one_line_without_it(
         monkeypatch.delenv(key)
     line = _cli_error([*argv, *tiny_flags()], capfd)
     assert line.startswith(f"error: --mlflow http://{USER}:{MASK}@127.0.0.1:{port}: ")
-    assert "UNAUTHENTICATED" in line
+    assert "UNAUTHENTICATED" in line and "MLFLOW_TRACKING_PASSWORD" in line
+    # Refused before the run folder was claimed: the same command with the right
+    # password needs no --overwrite.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_mlflow_server_check_sends_the_credentials_mlflow_sends(mlflow_server, monkeypatch):
+    port, _ = mlflow_server
+    server = f"http://127.0.0.1:{port}"
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    trackers.check_mlflow_server(f"http://{USER}:{SECRET}@127.0.0.1:{port}")  # the URI's
+    with pytest.raises(UserError, match="HTTP 401 UNAUTHENTICATED") as none:
+        trackers.check_mlflow_server(server)
+    assert str(none.value).startswith(f"--mlflow {server}: the server refused the credentials")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-hunter3")  # sent as a bearer token
+    with pytest.raises(UserError, match="HTTP 401") as token:
+        trackers.check_mlflow_server(server)
+    assert "hunter3" not in str(token.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)  # the environment's, before a token
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    trackers.check_mlflow_server(server)
+    # A URI's own user:password goes instead of the environment's, as the run sends it.
+    with pytest.raises(UserError, match="HTTP 401") as wrong:
+        trackers.check_mlflow_server(f"http://{USER}:nope-{SECRET}@127.0.0.1:{port}")
+    assert SECRET not in str(wrong.value) and f"{USER}:{MASK}@" in str(wrong.value)
+    trackers.check_mlflow_server("file:///nowhere/mlruns")  # a file store: no server to ask
+
+
+def test_an_unreachable_mlflow_server_is_one_line_before_anything_is_written(
+    data_dir, tmp_path, capfd
+):
+    uri = f"http://{USER}:{SECRET}@127.0.0.1:{free_port()}"
+    argv = ["--storage-path", str(tmp_path), "--name", "unreached", "--mlflow", uri]
+    started = time.monotonic()
+    line = _cli_error([*argv, *tiny_flags()], capfd)
+    assert time.monotonic() - started < trackers.MLFLOW_CHECK_TIMEOUT_S
+    assert line.startswith(f"error: --mlflow http://{USER}:{MASK}@127.0.0.1:")
+    assert "cannot reach the tracking server" in line and "Connection refused" in line
+    assert list(tmp_path.iterdir()) == []
