@@ -131,6 +131,12 @@ def plot_lr_sensitivity(
         diverged = [r for r in rows if r["status"] == status.DIVERGED and r["learning_rate"]]
         for ax, step in zip(axes[0], budgets or [None], strict=False):
             ax.set_xscale("log")
+            if all_lrs:
+                # Before anything is drawn: a lone point would first autoscale the axis
+                # to a zero-width range, which matplotlib warns about.
+                lo_x, hi_x = min(all_lrs), max(all_lrs)
+                pad = 10 ** (0.15 * max(math.log10(hi_x / lo_x), 1.0))
+                ax.set_xlim(lo_x / pad, hi_x * pad)
             ranked = comparisons.at_budget(rows, vals, step) if step is not None else []
             values = np.array([c.mean for c in ranked], dtype=float)
             if len(values):
@@ -171,10 +177,6 @@ def plot_lr_sensitivity(
                         transform=ax.get_xaxis_transform(),
                         clip_on=False,
                     )
-            if all_lrs:
-                lo_x, hi_x = min(all_lrs), max(all_lrs)
-                pad = 10 ** (0.15 * max(math.log10(hi_x / lo_x), 1.0))
-                ax.set_xlim(lo_x / pad, hi_x * pad)
             ax.set_title(f"step {step}: {len(ranked)} config(s)" if step else "no trials yet")
             ax.set_xlabel("learning rate (log scale)")
             ax.grid(True, which="major", alpha=0.35)

@@ -327,6 +327,19 @@ def test_plots_with_huge_and_missing_values(tmp_path):
     _assert_png(plots.plot_loss_curves(_all_steps(specs), tmp_path / "loss.png", "huge"))
 
 
+def test_a_single_point_sets_the_learning_rate_axis_without_a_warning(tmp_path, recwarn):
+    # One finished trial (its optimizer's only point) and one that errored, as a sweep
+    # whose sgd trials all failed leaves them: the axis spans both rates with padding, and
+    # matplotlib never autoscales to the lone point's zero-width range first.
+    specs = [
+        ("a", "adamw", 1e-4, "completed", 1.5, 20, None, False),
+        ("b", "sgd", 1e-3, "error", None, 2, None, False),
+    ]
+    trials = pa.Table.from_pylist([_trial_row(*t) for t in specs], schema=results.TRIAL_SCHEMA)
+    _assert_png(plots.plot_lr_sensitivity(trials, tmp_path / "lr.png", "one", _all_steps(specs)))
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_empty_tables(tmp_path):
     folder = tmp_path / "fresh"
     _write(results.TRIAL_SCHEMA.empty_table(), folder / "trials.parquet")
