@@ -26,6 +26,22 @@ def pytest_configure(config):
 _SESSION: dict = {}
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """An xdist worker leaves as soon as its results are sent: the interpreter's teardown,
+    freeing a heap of torch, pyarrow and the servers' clients, takes seconds that the
+    session waits for and checks nothing. Python's exit handlers (Ray's shutdown, temporary
+    folders, child processes) still run first; only that teardown is skipped."""
+    if not hasattr(config, "workerinput"):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def pytest_runtest_logreport(report):
     """A failure's traceback the moment it happens, not only in the end's summary: a run
     that a later hang ends (the timeout's thread method) still shows why it failed."""
