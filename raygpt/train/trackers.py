@@ -21,6 +21,8 @@ import importlib.util
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -59,6 +61,13 @@ _MLFLOW_OTHER_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
 MLFLOW_CHECK_TIMEOUT_S = 10.0
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would resend the credentials to wherever a redirect points: the check asks
+    # only the URL given, and takes a redirect as an answer that let it in.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def check_mlflow_server(uri: str) -> None:
     """Before anything is written: an http(s) --mlflow server answers and takes the
     credentials the run will send. MLflow's client would find out only inside the loop,
@@ -71,8 +80,6 @@ def check_mlflow_server(uri: str) -> None:
     import base64
     import json
     import ssl
-    import urllib.error
-    import urllib.request
     from urllib.parse import quote
 
     parts = urlsplit(uri)
@@ -101,6 +108,7 @@ def check_mlflow_server(uri: str) -> None:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         if os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
             context.load_cert_chain(os.environ["MLFLOW_TRACKING_CLIENT_CERT_PATH"])
+    handlers = [_NoRedirect()] + ([urllib.request.HTTPSHandler(context=context)] if context else [])
 
     def hidden(text: str) -> str:
         lines = redact(text).strip().splitlines()
@@ -108,10 +116,10 @@ def check_mlflow_server(uri: str) -> None:
         return line.replace(password, MASK) if password else line
 
     try:
-        with urllib.request.urlopen(request, timeout=MLFLOW_CHECK_TIMEOUT_S, context=context):
+        with urllib.request.build_opener(*handlers).open(request, timeout=MLFLOW_CHECK_TIMEOUT_S):
             return
     except urllib.error.HTTPError as err:
-        if err.code not in (401, 403):
+        if err.code not in (401, 403):  # a 404 for an experiment not yet made, a redirect
             return
         said = err.read(2000).decode(errors="replace")
         with contextlib.suppress(ValueError, AttributeError):

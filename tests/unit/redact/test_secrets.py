@@ -14,8 +14,10 @@ The sweep's case is in tests/cluster/test_secrets.py.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -277,6 +279,38 @@ def test_the_mlflow_server_check_sends_the_credentials_mlflow_sends(mlflow_serve
         trackers.check_mlflow_server(f"http://{USER}:nope-{SECRET}@127.0.0.1:{port}")
     assert SECRET not in str(wrong.value) and f"{USER}:{MASK}@" in str(wrong.value)
     trackers.check_mlflow_server("file:///nowhere/mlruns")  # a file store: no server to ask
+
+
+def test_the_mlflow_server_check_sends_no_credentials_where_a_redirect_points(monkeypatch):
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.server is first:  # the server named: sends the client elsewhere
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{second.server_port}/x")
+            else:
+                self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    second = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    for server in (first, second):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    try:
+        trackers.check_mlflow_server(f"http://{USER}:{SECRET}@127.0.0.1:{first.server_port}")
+    finally:
+        for server in (first, second):
+            server.shutdown()
+            server.server_close()
+    # One request, to the server named, with the credentials; none followed the redirect.
+    assert len(seen) == 1 and seen[0].startswith("Basic ")
 
 
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_is_written(
