@@ -7,12 +7,15 @@ STAMP  := $(VENV)/.raygpt-installed
 .PHONY: setup demo train test test-fast lint format bench clean
 
 # torch==2.13.0 goes in first and alone: the package's own `torch>=2.4` is then
-# already satisfied, so pip never pulls the multi-GB CUDA wheels on a CPU box.
+# already satisfied, so pip never pulls the multi-GB CUDA wheels on a CPU box. The
+# editable source gets its bytecode as pip writes it for installed packages: the first
+# command after setup (two test workers at once) then compiles nothing.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q raygpt tests benchmarks
 	touch $(STAMP)
 
 setup: $(STAMP)
