@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import ssl
 import threading
 import time
 import urllib.error
@@ -311,6 +312,86 @@ def test_the_mlflow_server_check_sends_no_credentials_where_a_redirect_points(mo
             server.server_close()
     # One request, to the server named, with the credentials; none followed the redirect.
     assert len(seen) == 1 and seen[0].startswith("Basic ")
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key: (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_pem), str(key_pem)
+
+
+def test_the_mlflow_server_check_over_https_honours_mlflow_s_tls_settings(tmp_path, monkeypatch):
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)  # the experiment is not made yet: the server let it in
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"https://{USER}:{SECRET}@127.0.0.1:{server.server_port}"
+    for key_name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS"):
+        monkeypatch.delenv(key_name, raising=False)
+    try:
+        # A certificate nobody vouches for: refused, as MLflow's client would refuse it.
+        with pytest.raises(UserError, match="CERTIFICATE_VERIFY_FAILED") as refused:
+            trackers.check_mlflow_server(uri)
+        assert "cannot reach the tracking server" in str(refused.value)
+        assert SECRET not in str(refused.value)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", cert)  # the CA to trust
+        trackers.check_mlflow_server(uri)
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")  # no verification at all
+        trackers.check_mlflow_server(uri)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The refused handshake sent nothing; the two accepted ones sent the credentials.
+    assert len(seen) == 2 and all(a.startswith("Basic ") for a in seen)
 
 
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_is_written(
