@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import free_port, step_metadata
@@ -374,7 +375,8 @@ def test_the_mlflow_server_check_over_https_honours_mlflow_s_tls_settings(tmp_pa
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"https://{USER}:{SECRET}@127.0.0.1:{server.server_port}"
-    for key_name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS"):
+    tls = ("SERVER_CERT_PATH", "INSECURE_TLS", "CLIENT_CERT_PATH")
+    for key_name in (f"MLFLOW_TRACKING_{name}" for name in tls):
         monkeypatch.delenv(key_name, raising=False)
     try:
         # A certificate nobody vouches for: refused, as MLflow's client would refuse it.
@@ -387,11 +389,20 @@ def test_the_mlflow_server_check_over_https_honours_mlflow_s_tls_settings(tmp_pa
         monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
         monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")  # no verification at all
         trackers.check_mlflow_server(uri)
+        # A server that wants a client certificate: MLflow's one file of cert and key.
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cert)
+        with pytest.raises(UserError, match="cannot reach the tracking server"):
+            trackers.check_mlflow_server(uri)
+        both = tmp_path / "client.pem"
+        both.write_text(Path(cert).read_text() + Path(key).read_text())
+        monkeypatch.setenv("MLFLOW_TRACKING_CLIENT_CERT_PATH", str(both))
+        trackers.check_mlflow_server(uri)
     finally:
         server.shutdown()
         server.server_close()
-    # The refused handshake sent nothing; the two accepted ones sent the credentials.
-    assert len(seen) == 2 and all(a.startswith("Basic ") for a in seen)
+    # The refused handshakes sent nothing; the three accepted ones sent the credentials.
+    assert len(seen) == 3 and all(a.startswith("Basic ") for a in seen)
 
 
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_is_written(
