@@ -61,6 +61,17 @@ _MLFLOW_OTHER_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
 MLFLOW_CHECK_TIMEOUT_S = 10.0
 
 
+def _split_userinfo(uri: str) -> tuple[str, str, str | None]:
+    """The URI without its `user:password@`, and the user and password it held (None for
+    no password): what both the check and the run's MLflow client are given."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, "", None
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    password = None if parts.password is None else unquote(parts.password)
+    return bare, unquote(parts.username or ""), password
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # urllib would resend the credentials to wherever a redirect points: the check asks
     # only the URL given, and takes a redirect as an answer that let it in.
@@ -86,10 +97,10 @@ def check_mlflow_server(uri: str) -> None:
     if parts.scheme not in ("http", "https") or any(os.environ.get(k) for k in _MLFLOW_OTHER_AUTH):
         return
     shown = redact(uri)
-    user, password = unquote(parts.username or ""), unquote(parts.password or "")
-    if parts.password is None:
+    bare, user, password = _split_userinfo(uri)
+    if password is None:
         user, password = os.environ.get(_MLFLOW_USER, ""), os.environ.get(_MLFLOW_PASSWORD, "")
-    base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
+    base = bare.rstrip("/")
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_MLFLOW_EXPERIMENT
     request = urllib.request.Request(
         f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(experiment)}"
@@ -253,11 +264,11 @@ def mlflow_environment(uri: str) -> str:
     """
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    parts = urlsplit(uri)
-    if parts.password:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    bare, user, password = _split_userinfo(uri)
+    if password:
+        os.environ[_MLFLOW_USER] = user
+        os.environ[_MLFLOW_PASSWORD] = password
+        uri = bare
     if redact(uri) != uri:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return uri
