@@ -61,15 +61,15 @@ _MLFLOW_OTHER_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
 MLFLOW_CHECK_TIMEOUT_S = 10.0
 
 
-def _split_userinfo(uri: str) -> tuple[str, str, str | None]:
-    """The URI without its `user:password@`, and the user and password it held (None for
-    no password): what both the check and the run's MLflow client are given."""
+def _split_userinfo(uri: str) -> tuple[str, str, str]:
+    """The URI without its `user:password@`, and the user and password it held ("" for
+    none): what both the check and the run's MLflow client are given. A URI without a
+    password leaves the environment's credentials to the client."""
     parts = urlsplit(uri)
     if "@" not in parts.netloc:
-        return uri, "", None
+        return uri, "", ""
     bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    password = None if parts.password is None else unquote(parts.password)
-    return bare, unquote(parts.username or ""), password
+    return bare, unquote(parts.username or ""), unquote(parts.password or "")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -98,7 +98,7 @@ def check_mlflow_server(uri: str) -> None:
         return
     shown = redact(uri)
     bare, user, password = _split_userinfo(uri)
-    if password is None:
+    if not password:  # as mlflow_environment: the client then sends the environment's
         user, password = os.environ.get(_MLFLOW_USER, ""), os.environ.get(_MLFLOW_PASSWORD, "")
     base = bare.rstrip("/")
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_MLFLOW_EXPERIMENT

@@ -276,6 +276,8 @@ def test_the_mlflow_server_check_sends_the_credentials_mlflow_sends(mlflow_serve
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)  # the environment's, before a token
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
     trackers.check_mlflow_server(server)
+    # A URI with a user and an empty password: the run's client sends the environment's.
+    trackers.check_mlflow_server(f"http://{USER}:@127.0.0.1:{port}")
     # A URI's own user:password goes instead of the environment's, as the run sends it.
     with pytest.raises(UserError, match="HTTP 401") as wrong:
         trackers.check_mlflow_server(f"http://{USER}:nope-{SECRET}@127.0.0.1:{port}")
